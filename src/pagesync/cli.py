@@ -1,0 +1,293 @@
+"""The `pagesync` command line. Exit codes: 0 done, 1 a partition failed, 2 usage or config.
+
+Output is for people (tables, a live progress display, one summary line); `--json` is for
+scripts and its fields are a contract. Tracebacks only with --verbose: the Prefect UI has
+them all.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from typer.core import TyperGroup
+
+from .config import Config, load_config
+from .errors import ConfigError, PagesyncError
+
+app = typer.Typer(
+    name="pagesync",
+    help="Sync paginated HTTP APIs into SQL databases, checkpointed per page, on Prefect 3.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "-c", "--config", help="Config file (default: $PAGESYNC_CONFIG, ./pagesync.yaml)."
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+VerboseOpt = Annotated[
+    bool, typer.Option("-v", "--verbose", help="Show tracebacks and Prefect logs.")
+]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {escape(message)}")
+    return typer.Exit(code)
+
+
+def _config(path: Path | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+
+
+def _stream(config: Config, stream: str) -> None:
+    try:
+        config.stream(stream)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# -- run ----------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    stream: Annotated[str, typer.Argument(help="The stream to sync.")],
+    config: ConfigOpt = None,
+    full_refresh: Annotated[
+        bool,
+        typer.Option("--full-refresh", help="Ignore the high-water mark and completed partitions."),
+    ] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Sync one stream; resumes every unfinished partition from its last committed page."""
+    cfg = _config(config)
+    _stream(cfg, stream)
+    code = _run(cfg, stream, full_refresh=full_refresh, verbose=verbose)
+    raise typer.Exit(code)
+
+
+def _run(cfg: Config, stream: str, *, full_refresh: bool = False, verbose: bool = False) -> int:
+    from .launch import run_stream
+    from .progress import Progress
+
+    started = time.monotonic()
+    try:
+        with Progress(out, stream) as progress:
+            report = run_stream(
+                cfg, stream, console=err, full_refresh=full_refresh, verbose=verbose,
+                observers=[progress],
+            )  # fmt: skip
+    except PagesyncError as e:
+        if verbose:
+            err.print_exception()
+        raise fail(str(e), 1) from None
+    elapsed = time.monotonic() - started
+    pages = sum(o.new_pages for o in report.outcomes)
+    records = sum(o.new_records for o in report.outcomes)
+    complete = sum(o.status == "complete" for o in report.outcomes)
+    total = len(report.outcomes)
+    line = (
+        f"{stream}: {complete}/{total} partitions complete, {pages} pages, {records} records "
+        f"in {elapsed:.1f}s"
+    )
+    if report.ok:
+        out.print(f"[green]✓[/green] {escape(line)}")
+        return 0
+    out.print(f"[red]✗[/red] {escape(line)}; committed progress is kept, run again to resume")
+    for exc in report.errors:
+        err.print(f"[red]error:[/red] {escape(str(exc) or type(exc).__name__)}")
+        if verbose:
+            import traceback
+
+            err.print("".join(traceback.format_exception(exc)), markup=False)
+    return 1
+
+
+# -- state --------------------------------------------------------------------------------
+
+
+class _DefaultShow(TyperGroup):
+    """`pagesync state [STREAM]` shows; `pagesync state import|export ...` are subcommands."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = ["show", *args]
+        return super().parse_args(ctx, args)
+
+
+state_app = typer.Typer(cls=_DefaultShow, help="Show, import or export checkpoint state.")
+app.add_typer(state_app, name="state")
+
+
+@state_app.command("show")
+def state_show(
+    stream: Annotated[str | None, typer.Argument(help="Only this stream.")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per partition: status, cursor, pages, records, last update."""
+    from .store import Store
+    from .views import partition_views
+
+    cfg = _config(config)
+    if stream:
+        _stream(cfg, stream)
+    store = Store(cfg.state)
+    store.migrate()
+    views = partition_views(store, stream)
+    if as_json:
+        _print_json([v.model_dump(mode="json") for v in views])
+        return
+    if not views:
+        out.print("No state yet" + (f" for {stream}" if stream else "") + ".")
+        return
+    table = Table()
+    for col in ("stream", "partition", "status", "cursor", "pages", "records", "updated_at"):
+        table.add_column(col, justify="right" if col in ("pages", "records") else "left")
+    colors = {"complete": "green", "incomplete": "red", "running": "yellow", "pending": "dim"}
+    for v in views:
+        part = v.partition if not v.scope else f"{v.partition} [dim]({escape(v.scope)})[/dim]"
+        status = f"[{colors.get(v.status, 'white')}]{v.status}[/]"
+        table.add_row(
+            v.stream, part, status, escape("" if v.cursor is None else str(v.cursor)),
+            str(v.pages), str(v.records), v.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )  # fmt: skip
+    out.print(table)
+    for v in views:
+        if v.error:
+            err.print(f"[red]{escape(v.stream)} · {escape(v.partition)}:[/red] {escape(v.error)}")
+
+
+@app.command()
+def history(
+    stream: Annotated[str, typer.Argument(help="The stream.")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per committed page: partition, page, records, cursor, time, flow and task run ids."""
+    from .store import Store
+    from .views import page_views
+
+    cfg = _config(config)
+    _stream(cfg, stream)
+    store = Store(cfg.state)
+    store.migrate()
+    views = page_views(store, stream)
+    if as_json:
+        _print_json([v.model_dump(mode="json") for v in views])
+        return
+    table = Table()
+    for col in ("partition", "page", "records", "cursor", "committed_at", "task_run_id"):
+        table.add_column(col, justify="right" if col in ("page", "records") else "left")
+    for v in views:
+        table.add_row(
+            escape(v.partition), str(v.page), str(v.records),
+            escape("" if v.cursor is None else str(v.cursor)),
+            v.committed_at.strftime("%Y-%m-%d %H:%M:%S"), v.task_run_id or "",
+        )  # fmt: skip
+    out.print(table)
+
+
+@app.command()
+def reset(
+    stream: Annotated[str, typer.Argument(help="The stream.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Forget a stream's checkpoints (its destination table is kept)."""
+    from .store import Store
+
+    cfg = _config(config)
+    _stream(cfg, stream)
+    store = Store(cfg.state)
+    store.migrate()
+    n = store.reset(stream)
+    out.print(f"Reset {stream}: {n} partition(s) forgotten; the next run starts from scratch.")
+
+
+# -- check, demo --------------------------------------------------------------------------
+
+
+@app.command()
+def check(config: ConfigOpt = None) -> None:
+    """Validate the config and reach each stream's source."""
+    from .http import SourceClient, redact_url
+    from .paginators import PageRequest
+
+    cfg = _config(config)
+    out.print(
+        f"[green]✓[/green] {cfg.path}: {len(cfg.sources)} source(s), {len(cfg.streams)} stream(s)"
+    )
+    bad = 0
+    for name, stream in cfg.streams.items():
+        source = cfg.sources[stream.source]
+        once = source.model_copy(update={"retry": source.retry.model_copy(update={"attempts": 1})})
+        client = SourceClient(once)
+        path = stream.path if "{" not in stream.path else "/"
+        try:
+            response = client.get(PageRequest(path, dict(stream.params)))
+            out.print(
+                f"[green]✓[/green] {name}: {redact_url(response.url)} answered {response.status_code}"
+            )
+        except PagesyncError as e:
+            bad += 1
+            out.print(f"[red]✗[/red] {name}: {escape(str(e))}")
+        finally:
+            client.close()
+    raise typer.Exit(1 if bad else 0)
+
+
+@app.command()
+def demo(
+    folder: Annotated[Path, typer.Option(help="Where the demo's config and database go.")] = Path(
+        "pagesync-demo"
+    ),
+    stream: Annotated[str, typer.Option(help="Which demo stream to sync.")] = "items",
+    items: Annotated[int, typer.Option(help="Records the demo API serves.")] = 20_000,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Start the bundled demo API and sync it into SQLite: pagesync end to end."""
+    from .demo.api import DemoAPI
+    from .demo.project import write_demo
+
+    path = write_demo(folder)
+    with DemoAPI(items=items) as api:
+        import os
+
+        os.environ["PAGESYNC_DEMO_URL"] = api.url
+        out.print(f"Demo API with {items:,} records at {api.url}; config in {path}")
+        cfg = _config(path)
+        _stream(cfg, stream)
+        code = _run(cfg, stream, verbose=verbose)
+    out.print(
+        f"Look around: [bold]pagesync state -c {path}[/bold], [bold]pagesync history {stream} -c {path}[/bold]"
+    )
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

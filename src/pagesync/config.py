@@ -1,0 +1,303 @@
+"""pagesync.yaml: the pydantic models of the config contract, and loading them.
+
+The keys here are a contract with users' files (see shared/DESIGN.md): extend, never rename.
+Every model forbids unknown keys, so a typo is an error naming its key path rather than
+a setting silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = "pagesync.yaml"
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Retry(Model):
+    """HTTP retries inside one page request (429, 5xx, timeouts, resets)."""
+
+    attempts: int = Field(5, ge=1, description="Tries per request, the first included.")
+    backoff: float = Field(0.5, ge=0, description="First backoff in seconds; doubles each try.")
+    max_backoff: float = Field(30, ge=0, description="Cap on one backoff, and on Retry-After.")
+    task_retries: int = Field(
+        2, ge=0, description="Prefect retries of a page task after the HTTP tries are spent."
+    )
+
+
+class RateLimit(Model):
+    per_second: float = Field(gt=0, description="Requests per second over all partitions.")
+
+
+class Source(Model):
+    base_url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout: float = Field(30, gt=0)
+    retry: Retry = Field(default_factory=Retry)
+    rate_limit: RateLimit | None = None
+    concurrency: int = Field(4, ge=1, description="Partitions of this source in flight at once.")
+    follow_foreign_next: bool = Field(
+        False,
+        description="Follow next links to other hosts (without credentials) instead of failing.",
+    )
+
+
+class Cursor(Model):
+    field: str = Field(description="Dotted path of the cursor value in each record.")
+    param: str | None = Field(None, description="Query parameter filtering on cursor >= value.")
+    start: str | int | float | None = Field(None, description="Where the first sync starts.")
+
+
+class _Paginator(Model):
+    stable_tokens: bool = Field(
+        False, description="The paginator's tokens stay valid to resume from after a crash."
+    )
+
+
+class NextUrlPaginator(_Paginator):
+    type: Literal["next_url"]
+    path: str = "next_url"
+
+
+class CursorPaginator(_Paginator):
+    type: Literal["cursor"]
+    path: str
+    param: str = "cursor"
+
+
+class LinkHeaderPaginator(_Paginator):
+    type: Literal["link_header"]
+    rel: str = "next"
+
+
+class OffsetPaginator(_Paginator):
+    type: Literal["offset"]
+    limit: int = Field(100, ge=1)
+    limit_param: str = "limit"
+    offset_param: str = "offset"
+
+
+class PageNumberPaginator(_Paginator):
+    type: Literal["page_number"]
+    param: str = "page"
+    start: int = 1
+    size: int | None = Field(None, ge=1, description="Page size; a shorter page is the last.")
+    size_param: str | None = None
+
+
+class SinglePagePaginator(_Paginator):
+    type: Literal["single"]
+
+
+Paginator = Annotated[
+    NextUrlPaginator
+    | CursorPaginator
+    | LinkHeaderPaginator
+    | OffsetPaginator
+    | PageNumberPaginator
+    | SinglePagePaginator,
+    Field(discriminator="type"),
+]
+
+
+class DatetimePartitions(Model):
+    type: Literal["datetime"]
+    start: datetime
+    end: datetime | None = Field(None, description="Default: now.")
+    step: timedelta = Field(timedelta(days=1), description="ISO 8601 duration, e.g. P1D, PT6H.")
+    start_param: str | None = None
+    end_param: str | None = None
+    format: str = "%Y-%m-%dT%H:%M:%SZ"
+
+    @field_validator("start", "end")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        if v is not None and v.tzinfo is None:
+            v = v.replace(tzinfo=UTC)
+        return v
+
+    @field_validator("step")
+    @classmethod
+    def _positive(cls, v: timedelta) -> timedelta:
+        if v <= timedelta(0):
+            raise ValueError("step must be a positive duration such as P1D or PT1H")
+        return v
+
+
+class ListPartitions(Model):
+    type: Literal["list"]
+    values: list[str | int] = Field(min_length=1)
+    param: str | None = Field(None, description="Query parameter; or use {value} in path.")
+
+
+class ParentPartitions(Model):
+    type: Literal["parent"]
+    stream: str
+    key: str = "id"
+
+
+Partitions = Annotated[
+    DatetimePartitions | ListPartitions | ParentPartitions, Field(discriminator="type")
+]
+
+
+class Checkpoint(Model):
+    every_pages: int | None = Field(1, ge=1)
+    every_records: int | None = Field(None, ge=1)
+    every_seconds: float | None = Field(None, gt=0)
+
+
+class Schedule(Model):
+    cron: str | None = None
+    interval: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> Schedule:
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError("give exactly one of cron or interval")
+        return self
+
+
+class Stream(Model):
+    source: str
+    path: str
+    params: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    records: str | None = Field(None, description="Dotted path to the record list; none = body.")
+    primary_key: list[str] = Field(min_length=1)
+    cursor: Cursor | None = None
+    paginator: Paginator = Field(default_factory=lambda: SinglePagePaginator(type="single"))
+    partitions: Partitions | None = None
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint)
+    schedule: Schedule | None = None
+
+
+class Config(Model):
+    state: str = "sqlite:///pagesync.db"
+    destination: str | None = Field(None, description="Default: the state database.")
+    sources: dict[str, Source]
+    streams: dict[str, Stream]
+    #: Where the file was read from; relative paths in it resolve against its folder.
+    path: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        for name, stream in self.streams.items():
+            if stream.source not in self.sources:
+                known = ", ".join(sorted(self.sources)) or "none"
+                raise ValueError(
+                    f"streams.{name}.source: unknown source {stream.source!r} (known: {known})"
+                )
+            p = stream.partitions
+            if isinstance(p, ParentPartitions) and p.stream not in self.streams:
+                raise ValueError(f"streams.{name}.partitions.stream: unknown stream {p.stream!r}")
+        return self
+
+    @property
+    def destination_url(self) -> str:
+        return self.destination or self.state
+
+    def stream(self, name: str) -> Stream:
+        try:
+            return self.streams[name]
+        except KeyError:
+            known = ", ".join(sorted(self.streams)) or "none"
+            raise ConfigError(
+                f"unknown stream {name!r} (streams: {known})", file=str(self.path or "")
+            ) from None
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any, *, file: str, key: str = "") -> Any:
+    """Replace ${VAR} (or ${VAR:-default}) in every string, so secrets stay out of the file."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"environment variable {name} is not set", file=file, key=key)
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {
+            k: expand_env(v, file=file, key=f"{key}.{k}" if key else str(k))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [expand_env(v, file=file, key=f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def resolve_sqlite(url: str, folder: Path) -> str:
+    """Make a relative SQLite path absolute against the config file's folder."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////"):
+        rest = url[len(prefix) :]
+        if rest and rest != ":memory:" and not rest.startswith("file:"):
+            return prefix + str((folder / rest).resolve())
+    return url
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """-c, else $PAGESYNC_CONFIG, else ./pagesync.yaml."""
+    return Path(explicit or os.environ.get("PAGESYNC_CONFIG") or DEFAULT_CONFIG)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(lines)
+
+
+def parse_config(data: Any, *, file: str = "<config>", folder: Path | None = None) -> Config:
+    """Validate a mapping (already read from YAML) into a Config."""
+    if not isinstance(data, dict):
+        raise ConfigError("the file must be a YAML mapping with sources and streams", file=file)
+    data = expand_env(data, file=file)
+    folder = folder or Path.cwd()
+    for key in ("state", "destination"):
+        if isinstance(data.get(key), str):
+            data[key] = resolve_sqlite(data[key], folder)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e), file=file) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read, expand and validate a config file; every failure is a ConfigError."""
+    p = config_path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            "config file not found (give -c FILE or set PAGESYNC_CONFIG)", file=str(p)
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", file=str(p)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{where}invalid YAML: {getattr(e, 'problem', e)}", file=str(p)) from None
+    config = parse_config(data, file=str(p), folder=p.resolve().parent)
+    return config.model_copy(update={"path": p.resolve()})

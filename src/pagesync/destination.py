@@ -1,0 +1,190 @@
+"""Destination tables: one per stream, upserted by primary key, widened as fields appear.
+
+Top-level fields become typed columns (nested values are stored as JSON), and every row
+carries `_pagesync_*` metadata columns. Identifiers come from the API, so they are always
+quoted by the dialect's own preparer, never pasted into SQL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Engine, inspect
+from sqlalchemy.engine import Connection
+
+from .errors import ExtractError
+
+META_COLUMNS = ("_pagesync_partition", "_pagesync_page", "_pagesync_synced_at")
+
+
+def _sql_type(value: Any, dialect: str) -> str:
+    pg = dialect == "postgresql"
+    if isinstance(value, bool):
+        return "BOOLEAN"
+    if isinstance(value, int):
+        return "BIGINT" if pg else "INTEGER"
+    if isinstance(value, float):
+        return "DOUBLE PRECISION" if pg else "REAL"
+    if isinstance(value, (dict, list)):
+        return "JSONB" if pg else "JSON"
+    return "TEXT"
+
+
+def column_types(records: list[dict[str, Any]], names: list[str], dialect: str) -> dict[str, str]:
+    """A type per new column from the page's values; a float anywhere makes it a float."""
+    types: dict[str, str] = {}
+    for name in names:
+        chosen = "TEXT"
+        for record in records:
+            value = record.get(name)
+            if value is None:
+                continue
+            t = _sql_type(value, dialect)
+            if t in ("REAL", "DOUBLE PRECISION"):
+                chosen = t
+                break
+            if chosen == "TEXT":
+                chosen = t
+        types[name] = chosen
+    return types
+
+
+class Table:
+    """What we know of one stream's table, so each page costs one executemany."""
+
+    def __init__(self, name: str, primary_key: list[str], columns: dict[str, str]) -> None:
+        self.name = name
+        self.primary_key = primary_key
+        self.columns = columns  # name -> SQL type, in table order
+        self.sql: str | None = None
+        self.pk_idx: list[int] = []
+
+
+class Destination:
+    """Writes pages of records into one database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self.quote = engine.dialect.identifier_preparer.quote
+        self.paramstyle = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        self.tables: dict[str, Table] = {}
+
+    def _load(self, conn: Connection, name: str, primary_key: list[str]) -> Table:
+        table = self.tables.get(name)
+        if table is None:
+            insp = inspect(conn)
+            cols: dict[str, str] = {}
+            if insp.has_table(name):
+                found = {c["name"]: str(c["type"]) for c in insp.get_columns(name)}
+                cols = {c: t for c, t in found.items() if c not in META_COLUMNS}
+                cols.update({m: "TEXT" for m in META_COLUMNS})
+            table = self.tables[name] = Table(name, primary_key, cols)
+        return table
+
+    def _widen(self, conn: Connection, table: Table, records: list[dict[str, Any]]) -> None:
+        """Create the table, or add columns for fields seen for the first time."""
+        seen = set().union(*records) if records else set()
+        missing = [f for f in sorted(seen) if f not in table.columns]
+        if table.columns and not missing:
+            return
+        q = self.quote
+        for key in table.primary_key:
+            if not table.columns and key not in seen:
+                raise ExtractError(
+                    f"primary key field {key!r} is missing from the records", transient=False
+                )
+        types = column_types(records, missing, self.dialect)
+        if not table.columns:
+            pk_first = table.primary_key + [m for m in missing if m not in table.primary_key]
+            defs = [f"{q(c)} {types.get(c, 'TEXT')}" for c in pk_first]
+            defs += [f"{q('_pagesync_partition')} TEXT", f"{q('_pagesync_page')} INTEGER",
+                     f"{q('_pagesync_synced_at')} TEXT"]  # fmt: skip
+            pk = ", ".join(q(k) for k in table.primary_key)
+            conn.exec_driver_sql(
+                f"CREATE TABLE IF NOT EXISTS {q(table.name)} ({', '.join(defs)}, PRIMARY KEY ({pk}))"
+            )
+            table.columns = {c: types.get(c, "TEXT") for c in pk_first}
+            table.columns.update({m: "TEXT" for m in META_COLUMNS})
+        else:
+            for name in missing:
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {q(table.name)} ADD COLUMN {q(name)} {types[name]}"
+                )
+            # Our column order keeps the metadata last, whatever order the database has.
+            data = {c: t for c, t in table.columns.items() if c not in META_COLUMNS}
+            data.update(types)
+            table.columns = {**data, **{m: "TEXT" for m in META_COLUMNS}}
+        self._prepare(table)
+
+    def _prepare(self, table: Table) -> None:
+        q = self.quote
+        cols = list(table.columns)
+        names = ", ".join(q(c) for c in cols)
+        marks = ", ".join([self.paramstyle] * len(cols))
+        pk = ", ".join(q(k) for k in table.primary_key)
+        sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in cols if c not in table.primary_key)
+        action = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
+        table.sql = (
+            f"INSERT INTO {q(table.name)} ({names}) VALUES ({marks}) ON CONFLICT ({pk}) {action}"
+        )
+        table.pk_idx = [cols.index(k) for k in table.primary_key]
+
+    def write(
+        self,
+        conn: Connection,
+        stream: str,
+        primary_key: list[str],
+        records: list[dict[str, Any]],
+        *,
+        partition: str,
+        page: int,
+    ) -> int:
+        """Upsert one page of records inside the caller's transaction; returns the count."""
+        if not records:
+            return 0
+        table = self._load(conn, stream, primary_key)
+        self._widen(conn, table, records)
+        if table.sql is None:
+            self._prepare(table)
+        meta = (partition, page, datetime.now(UTC).isoformat(timespec="seconds"))
+        rows = self._rows(table, records, meta)
+        for idx in table.pk_idx:
+            if any(row[idx] is None for row in rows):
+                key = list(table.columns)[idx]
+                raise ExtractError(f"a record has no primary key field {key!r}", transient=False)
+        conn.exec_driver_sql(table.sql, rows)  # type: ignore[arg-type]
+        return len(rows)
+
+    @staticmethod
+    def _rows(
+        table: Table, records: list[dict[str, Any]], meta: tuple[Any, ...]
+    ) -> list[tuple[Any, ...]]:
+        """Records as tuples in column order; nested values as JSON text."""
+        fields = list(table.columns)[: -len(META_COLUMNS)]
+        dumps, nested = orjson.dumps, (dict, list)
+        rows = []
+        for record in records:
+            row = [record.get(c) for c in fields]
+            for i, v in enumerate(row):
+                if type(v) in nested:
+                    row[i] = dumps(v).decode()
+            rows.append((*row, *meta))
+        return rows
+
+    def column_values(self, stream: str, column: str) -> list[Any]:
+        """Distinct values of one column (a parent stream's keys), in primary-key order."""
+        with self.engine.connect() as conn:
+            if not inspect(conn).has_table(stream):
+                return []
+            q = self.quote
+            sql = f"SELECT DISTINCT {q(column)} FROM {q(stream)} ORDER BY {q(column)}"
+            return list(conn.exec_driver_sql(sql).scalars())
+
+    def count(self, stream: str) -> int:
+        with self.engine.connect() as conn:
+            if not inspect(conn).has_table(stream):
+                return 0
+            return conn.exec_driver_sql(f"SELECT COUNT(*) FROM {self.quote(stream)}").scalar() or 0

@@ -1,0 +1,477 @@
+"""Read one page, write it, commit its checkpoint: the unit a page task calls.
+
+`StreamRun` holds what the partitions of one run share (HTTP client, rate limit, stores);
+`PartitionRun` walks one partition page by page. The order of a page is fixed: fetch,
+extract, write, commit, and only then may the next page be requested for real. The one
+thing done early is the next page's HTTP request, which is put in flight while this page
+is written and committed; its response is only used after the commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any, Protocol
+
+import httpx
+from sqlalchemy.engine import Connection
+
+from . import config as cfg
+from . import mergepatch
+from .destination import Destination
+from .errors import LeaseLost, PageError, PaginationLoop
+from .extract import dig, parse_body, records_at
+from .http import RateLimiter, SourceClient, redact_url
+from .paginators import PageRequest, Token, make_paginator
+from .partitions import PartitionSpec, plan
+from .store import COMPLETE, INCOMPLETE, RUNNING, Lease, Store, dumps, engine_for, owner_id
+
+log = logging.getLogger("pagesync")
+
+
+@dataclass
+class PageResult:
+    """What a page task returns to Prefect: small, no records."""
+
+    page: int
+    records: int
+    cursor: Any
+    committed: bool
+    done: bool
+
+
+@dataclass
+class PartitionOutcome:
+    """How a partition ended in this run; the flow's summary table is made of these."""
+
+    partition: str
+    status: str
+    pages: int = 0
+    records: int = 0
+    first_cursor: Any = None
+    last_cursor: Any = None
+    resumed_from: str | None = None
+    error: str | None = None
+    skipped: bool = False
+    #: Pages and records committed by this run (`pages`/`records` are the partition's totals).
+    new_pages: int = 0
+    new_records: int = 0
+
+
+class Observer(Protocol):
+    """Told of progress; the CLI's live display and Prefect's artifacts are observers."""
+
+    def page_committed(self, stream: str, partition: str, pages: int, records: int) -> None: ...
+
+    def partition_done(self, stream: str, outcome: PartitionOutcome) -> None: ...
+
+
+class StreamRun:
+    """One run of one stream: what its partitions share."""
+
+    def __init__(
+        self,
+        config: cfg.Config,
+        stream: str,
+        *,
+        flow_run_id: str | None = None,
+        full_refresh: bool = False,
+        scope: str = "",
+        observers: list[Observer] | None = None,
+        client: SourceClient | None = None,
+    ) -> None:
+        self.config = config
+        self.name = stream
+        self.stream = config.stream(stream)
+        self.source = config.sources[self.stream.source]
+        self.flow_run_id = flow_run_id
+        self.full_refresh = full_refresh
+        self.scope = scope
+        self.observers = observers or []
+        limiter = RateLimiter(self.source.rate_limit.per_second) if self.source.rate_limit else None
+        self.client = client or SourceClient(self.source, limiter=limiter)
+        self.paginator = make_paginator(self.stream.paginator)
+        self.store = Store(config.state)
+        self.same_db = config.destination_url == config.state
+        self.destination = Destination(engine_for(config.destination_url))
+        self.owner = owner_id(flow_run_id)
+        self.fetcher = ThreadPoolExecutor(
+            max_workers=self.source.concurrency, thread_name_prefix=f"pagesync-{stream}"
+        )
+
+    def prepare(
+        self, specs: list[PartitionSpec] | None = None, **plan_kw: Any
+    ) -> list[PartitionSpec]:
+        """Migrate the store (once, before any partition) and register the partitions."""
+        self.store.migrate()
+        if specs is None:
+            specs = plan(self.stream, parent_values=self.parent_values, **plan_kw)
+        self.store.ensure(self.name, self.scope, [s.key for s in specs])
+        return specs
+
+    def parent_values(self, p: cfg.ParentPartitions) -> list[Any]:
+        """The parent stream's key values, read from its destination table."""
+        dest = Destination(engine_for(self.config.destination_url))
+        return dest.column_values(p.stream, p.key)
+
+    def partition(self, spec: PartitionSpec) -> PartitionRun:
+        return PartitionRun(self, spec)
+
+    def close(self) -> None:
+        self.fetcher.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+
+class PartitionRun:
+    """Walks one partition: resume point at `open()`, then one `step()` per page."""
+
+    def __init__(self, run: StreamRun, spec: PartitionSpec) -> None:
+        self.run = run
+        self.spec = spec
+        self.key = spec.key
+        self.stream = run.stream
+        self.cursor_field = run.stream.cursor.field if run.stream.cursor else None
+        self.lease: Lease | None = None
+        self.outcome = PartitionOutcome(spec.key, RUNNING)
+        self.warned = False
+        self.last: PageResult | None = None
+        self._conn: Connection | None = None
+        self._dest_conn: Connection | None = None
+        self._ahead: tuple[PageRequest, Future[httpx.Response]] | None = None
+        self._since_commit = (0, 0, time.monotonic())  # pages, records, when
+        self._counts_at_open = (0, 0)
+
+    # -- resume point -------------------------------------------------------------------
+
+    def open(self, on_wait: Callable[[str], None] | None = None) -> bool:
+        """Take the lease and decide where to start; False when there is nothing to do."""
+        run = self.run
+        lease = run.store.acquire(run.name, run.scope, self.key, run.owner, on_wait=on_wait)
+        self.lease = lease
+        self._counts_at_open = (lease.pages, lease.records)
+        st = lease.state
+        cursor_spec = self.stream.cursor
+        config_start = cursor_spec.start if cursor_spec else None
+        grew = self.spec.window_end is not None and self.spec.window_end > st.get("window_end", "")
+        resumed: str | None = None
+        if run.full_refresh:
+            new = self._generation(config_start)
+        elif lease.status == COMPLETE:
+            incremental = (
+                cursor_spec is not None and cursor_spec.param and self.spec.window_end is None
+            )
+            if not (incremental or grew):
+                self._release_untouched()
+                self.outcome = self._outcome(COMPLETE, skipped=True)
+                return False
+            # Next generation: from the partition's own high-water mark.
+            new = self._generation(st.get("cursor", config_start))
+            resumed = f"cursor {st['cursor']!r}" if st.get("cursor") is not None else None
+        elif st.get("page"):
+            if self._cursor_resumable(st):
+                new = {**st, "next": None, "resume": st["cursor"]}
+                resumed = f"cursor {st['cursor']!r}"
+            elif run.paginator.stable_tokens and "next" in st:
+                new = dict(st)
+                resumed = f"page {st['page'] + 1} (stored token)"
+            else:
+                log.warning(
+                    "stream %s partition %s: no safe resume point (records not in cursor order "
+                    "and paginator tokens not stable); restarting the partition",
+                    run.name, self.key,
+                )  # fmt: skip
+                new = self._generation(st.get("start", config_start))
+                resumed = "restart"
+        else:
+            new = self._generation(st.get("start", config_start))
+        if self.spec.window_end is not None:
+            new["window_end"] = self.spec.window_end
+        new.pop("done", None)
+        new = {k: v for k, v in new.items() if v is not None}
+        patch = mergepatch.diff(st, new)
+        run.store.commit(lease, patch=patch, status=RUNNING)
+        self.outcome = PartitionOutcome(
+            self.key, RUNNING, first_cursor=new.get("first_cursor"), resumed_from=resumed
+        )
+        self._base = self._base_request(new)
+        self._position = new
+        return True
+
+    def _cursor_resumable(self, st: dict[str, Any]) -> bool:
+        c = self.stream.cursor
+        return bool(c and c.param and st.get("sorted") and st.get("cursor") is not None)
+
+    def _generation(self, start: Any) -> dict[str, Any]:
+        """A fresh walk of the partition, filtering from `start` when there is one."""
+        return {"start": start, "resume": start, "page": 0, "sorted": True}
+
+    def _base_request(self, position: dict[str, Any]) -> PageRequest:
+        params = {**self.stream.params, **self.spec.params}
+        resume = position.get("resume")
+        if resume is not None and self.stream.cursor and self.stream.cursor.param:
+            params[self.stream.cursor.param] = resume
+        return PageRequest(self.spec.path, params)
+
+    def _release_untouched(self) -> None:
+        assert self.lease is not None
+        self.run.store.commit(self.lease, patch={}, release=True)
+
+    @property
+    def next_page(self) -> int:
+        return int(self._position.get("page", 0)) + 1
+
+    # -- one page -----------------------------------------------------------------------
+
+    def step(self, page: int, task_run_id: str | None = None) -> PageResult:
+        """Bring the partition up to `page` committed-or-written; idempotent for retries.
+
+        After a failure, pages written since the last checkpoint were rolled back, so a
+        retried step redoes them too.
+        """
+        while self.next_page <= page:
+            try:
+                self.last = self._one_page(task_run_id)
+            except BaseException as exc:
+                self._rollback()
+                if isinstance(exc, PageError):
+                    exc.located(
+                        stream=self.run.name, partition=self.key, page=self.next_page,
+                        committed=self.lease.state.get("cursor") if self.lease else None,
+                    )  # fmt: skip
+                raise
+            if self.last.done:
+                break
+        assert self.last is not None
+        return self.last
+
+    @property
+    def done(self) -> bool:
+        return self.last is not None and self.last.done
+
+    def _one_page(self, task_run_id: str | None) -> PageResult:
+        run, pos = self.run, self._position
+        token: Token = pos.get("next", run.paginator.first())
+        req = run.paginator.request(self._base, token)
+        response = self._fetch(req)
+        body = parse_body(response.content, response.headers.get("content-type"))
+        records = records_at(body, self.stream.records)
+        nxt = run.paginator.next(token, response, body, records)
+        page = self.next_page
+        if nxt is not None:
+            if nxt == token or nxt in pos.setdefault("_seen", set()):
+                raise PaginationLoop(
+                    f"the API sent page {page}'s next-page pointer again ({redact_url(str(nxt))}):"
+                    " a pagination loop; stopped",
+                    url=redact_url(response.url),
+                )
+            pos["_seen"].add(nxt)
+            self._prefetch(run.paginator.request(self._base, nxt))
+        cursor_before = pos.get("cursor")
+        if self.cursor_field and records:
+            self._track_cursor(records)
+        written = self._write(records, page)
+        entry = {
+            "stream": run.name, "scope": run.scope, "partition": self.key, "page": page,
+            "records": written, "cursor_before": _j(cursor_before), "cursor_after": _j(pos.get("cursor")),
+            "flow_run_id": run.flow_run_id, "task_run_id": task_run_id,
+        }  # fmt: skip
+        assert self.lease is not None
+        self.lease.log.append(entry)
+        pos["page"] = page
+        if nxt is None:
+            pos.pop("next", None)
+        else:
+            pos["next"] = nxt
+        done = nxt is None
+        pages, recs, since = self._since_commit
+        self._since_commit = (pages + 1, recs + written, since)
+        committed = done or self._due()
+        if committed:
+            self._commit(done)
+        return PageResult(page, written, pos.get("cursor"), committed, done)
+
+    def _track_cursor(self, records: list[dict[str, Any]]) -> None:
+        pos, field_ = self._position, self.cursor_field
+        values = [v for v in (dig(r, field_, None) for r in records) if v is not None]
+        if not values:
+            return
+        prev = pos.get("cursor")
+        try:
+            top = max(values)
+            ordered = all(a <= b for a, b in pairwise(values)) and (
+                prev is None or values[0] >= prev
+            )
+            pos["cursor"] = top if prev is None else max(prev, top)
+        except TypeError:  # mixed types: no order to rely on
+            ordered = False
+            pos["cursor"] = values[-1]
+        pos.setdefault("first_cursor", values[0])
+        if pos.get("sorted") and not ordered:
+            pos["sorted"] = False
+            if not self.run.paginator.stable_tokens and not self.warned:
+                self.warned = True
+                log.warning(
+                    "stream %s partition %s: records are not in ascending %s order and the "
+                    "paginator's tokens are not declared stable; a crash will restart this "
+                    "partition (set stable_tokens: true on the paginator if its tokens survive)",
+                    self.run.name, self.key, field_,
+                )  # fmt: skip
+
+    def _due(self) -> bool:
+        policy = self.stream.checkpoint
+        pages, records, since = self._since_commit
+        return bool(
+            (policy.every_pages and pages >= policy.every_pages)
+            or (policy.every_records and records >= policy.every_records)
+            or (policy.every_seconds and time.monotonic() - since >= policy.every_seconds)
+            or not (policy.every_pages or policy.every_records or policy.every_seconds)
+        )
+
+    # -- I/O ----------------------------------------------------------------------------
+
+    def _fetch(self, req: PageRequest) -> httpx.Response:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == req:
+            return ahead[1].result()
+        if ahead is not None:
+            ahead[1].cancel()
+        return self.run.client.get(req)
+
+    def _prefetch(self, req: PageRequest) -> None:
+        self._ahead = (req, self.run.fetcher.submit(self.run.client.get, req))
+
+    def _write(self, records: list[dict[str, Any]], page: int) -> int:
+        run = self.run
+        if run.same_db:
+            if self._conn is None:
+                self._conn = run.store.engine.connect()
+                self._conn.begin()
+            conn = self._conn
+        else:
+            conn = run.destination.engine.connect()
+            conn.begin()
+        try:
+            n = run.destination.write(
+                conn, run.name, self.stream.primary_key, records, partition=self.key, page=page
+            )
+            if not run.same_db:
+                conn.commit()  # at-least-once: records first, the checkpoint follows
+        finally:
+            if not run.same_db:
+                conn.close()
+        return n
+
+    def _commit(self, done: bool) -> None:
+        """The checkpoint: records (same database) and state in one transaction."""
+        run, lease, pos = self.run, self.lease, self._position
+        assert lease is not None
+        new = {k: v for k, v in pos.items() if not k.startswith("_") and v is not None}
+        if done:
+            new["done"] = True
+        patch = mergepatch.diff(lease.state, new)
+        status = COMPLETE if done else None
+        if run.same_db:
+            conn = self._conn
+            if conn is None:  # an empty last page: nothing written, still commit
+                conn = self._conn = run.store.engine.connect()
+                conn.begin()
+            run.store.write(conn, lease, patch=patch, status=status, release=done)
+            conn.commit()
+            conn.close()
+            self._conn = None
+        else:
+            run.store.commit(lease, patch=patch, status=status, release=done)
+        self._since_commit = (0, 0, time.monotonic())
+        self._tell("page_committed", self.run.name, self.key, *self._new_counts())
+
+    def _rollback(self) -> None:
+        """Forget what was not committed: the database's copy and ours."""
+        if self._conn is not None:
+            try:
+                self._conn.rollback()
+                self._conn.close()
+            finally:
+                self._conn = None
+        if self._ahead is not None:
+            self._ahead[1].cancel()
+            self._ahead = None
+        if self.lease is not None:
+            self.lease.log = []
+            st = self.lease.state
+            self._position = {**st, "_seen": set()}
+            self._since_commit = (0, 0, time.monotonic())
+
+    # -- end ----------------------------------------------------------------------------
+
+    def fail(self, exc: BaseException) -> PartitionOutcome:
+        """Mark the partition incomplete with its error; committed pages stay."""
+        self._rollback()
+        message = str(exc) or type(exc).__name__
+        lease = self.lease
+        if lease is not None and not isinstance(exc, LeaseLost):
+            with contextlib.suppress(LeaseLost):
+                self.run.store.commit(
+                    lease, patch={}, status=INCOMPLETE, error=message, release=True
+                )
+        self.outcome = self._outcome(INCOMPLETE, error=message)
+        self._notify()
+        return self.outcome
+
+    def finish(self) -> PartitionOutcome:
+        self.outcome = self._outcome(COMPLETE)
+        self._notify()
+        return self.outcome
+
+    def _new_counts(self) -> tuple[int, int]:
+        lease = self.lease
+        if lease is None:
+            return 0, 0
+        return lease.pages - self._counts_at_open[0], lease.records - self._counts_at_open[1]
+
+    def _outcome(self, status: str, **kw: Any) -> PartitionOutcome:
+        lease = self.lease
+        st = lease.state if lease else {}
+        new_pages, new_records = self._new_counts()
+        return PartitionOutcome(
+            self.key, status,
+            pages=lease.pages if lease else 0, records=lease.records if lease else 0,
+            first_cursor=st.get("first_cursor"), last_cursor=st.get("cursor"),
+            resumed_from=self.outcome.resumed_from, new_pages=new_pages, new_records=new_records,
+            **kw,
+        )  # fmt: skip
+
+    def _notify(self) -> None:
+        self._tell("partition_done", self.run.name, self.outcome)
+
+    def _tell(self, event: str, *args: Any) -> None:
+        """Observers are for display: one that fails is logged, never fails a page."""
+        for obs in self.run.observers:
+            try:
+                getattr(obs, event)(*args)
+            except Exception:
+                log.exception("progress observer %r failed on %s", obs, event)
+
+
+def _j(value: Any) -> str | None:
+    return None if value is None else dumps(value)
+
+
+def run_partition(
+    part: PartitionRun, page_runner: Callable[[PartitionRun, int], PageResult]
+) -> PartitionOutcome:
+    """Drive a partition to its end with `page_runner` (a Prefect task, or a plain call)."""
+    if not part.open():
+        part._notify()
+        return part.outcome
+    try:
+        while not part.done:
+            page_runner(part, part.next_page)
+    except BaseException as exc:
+        part.fail(exc)
+        raise
+    return part.finish()

@@ -1,0 +1,67 @@
+"""Records out of a response body: parse with orjson, walk a dotted path to the list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .errors import ExtractError
+
+_MISSING = object()
+
+
+def dig(obj: Any, path: str | None, default: Any = _MISSING) -> Any:
+    """Walk a dotted path (`data.items`, `meta.next`, `items.0.id`) into parsed JSON.
+
+    A missing step returns `default` when given, else raises KeyError naming the step.
+    """
+    if not path:
+        return obj
+    for step in path.split("."):
+        if isinstance(obj, dict) and step in obj:
+            obj = obj[step]
+        elif (
+            isinstance(obj, list)
+            and step.lstrip("-").isdigit()
+            and -len(obj) <= int(step) < len(obj)
+        ):
+            obj = obj[int(step)]
+        else:
+            if default is not _MISSING:
+                return default
+            raise KeyError(step)
+    return obj
+
+
+def parse_body(content: bytes, content_type: str | None = None) -> Any:
+    """Parse a JSON body; an empty, HTML or broken body is an ExtractError (worth a retry)."""
+    if not content.strip():
+        raise ExtractError("empty response body where JSON was expected")
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError as e:
+        kind = "HTML" if content.lstrip()[:1] == b"<" else "malformed JSON"
+        ctype = f" (content-type {content_type})" if content_type else ""
+        raise ExtractError(f"{kind} in response body{ctype}: {e}") from None
+
+
+def records_at(body: Any, path: str | None) -> list[dict[str, Any]]:
+    """The list of records at `path` in the body; anything else is an ExtractError."""
+    try:
+        found = dig(body, path)
+    except KeyError as e:
+        raise ExtractError(
+            f"records path {path!r} not found in response body (missing key {e.args[0]!r})",
+            transient=False,
+        ) from None
+    if found is None:
+        return []
+    if not isinstance(found, list):
+        raise ExtractError(
+            f"records path {path or '(body)'!r} holds {type(found).__name__}, not a list",
+            transient=False,
+        )
+    if found and not isinstance(found[0], dict):
+        raise ExtractError(f"records at {path or '(body)'!r} are not JSON objects", transient=False)
+    return found

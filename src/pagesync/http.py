@@ -1,0 +1,183 @@
+"""One HTTP request to a source: retries with backoff and jitter, Retry-After, a shared
+rate limit, timeouts, and credentials sent only to the source's own origin.
+
+httpx does the protocol work (pooling, redirects, timeouts); this module adds the
+policy a sync needs on top of it and turns every failure into an HTTPError that
+names the URL with its secrets removed.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import httpx
+
+from . import config as cfg
+from .errors import HTTPError
+from .paginators import PageRequest
+
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+SECRET_PARAMS = frozenset(
+    {"api_key", "apikey", "key", "token", "access_token", "auth", "secret", "password",
+     "client_secret", "signature", "sig", "code"}
+)  # fmt: skip
+
+
+def redact_url(url: str | httpx.URL) -> str:
+    """The URL without userinfo and without the values of secret-looking query params."""
+    parts = urlsplit(str(url))
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    query = urlencode(
+        [(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, True)],
+        safe="*:/",
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
+    u = httpx.URL(str(url))
+    return (u.scheme, u.host, u.port)
+
+
+class RateLimiter:
+    """Spaces requests evenly at `per_second`, across all the threads that share it."""
+
+    def __init__(self, per_second: float) -> None:
+        self.interval = 1.0 / per_second
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        if slot > now:
+            time.sleep(slot - now)
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds from a Retry-After header, given as seconds or as an HTTP date."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+class SourceClient:
+    """A pooled httpx client for one source, shared by every partition of a run."""
+
+    def __init__(
+        self,
+        source: cfg.Source,
+        *,
+        limiter: RateLimiter | None = None,
+        auth: httpx.Auth | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.source = source
+        self.retry = source.retry
+        self.limiter = limiter
+        self.sleep = sleep
+        self.origin = origin(source.base_url)
+        limits = httpx.Limits(max_connections=source.concurrency * 2 + 2)
+        self.client = httpx.Client(
+            base_url=source.base_url,
+            headers=source.headers,
+            timeout=source.timeout,
+            follow_redirects=True,
+            max_redirects=10,
+            limits=limits,
+            auth=auth,
+            transport=transport,
+        )
+        # A client without credentials, for next links the stream allows to leave the origin.
+        self._foreign: httpx.Client | None = None
+
+    def close(self) -> None:
+        self.client.close()
+        if self._foreign is not None:
+            self._foreign.close()
+
+    def _client_for(self, url: str) -> httpx.Client:
+        if "://" not in url or origin(url) == self.origin:
+            return self.client
+        if not self.source.follow_foreign_next:
+            raise HTTPError(
+                f"next page is on another host ({redact_url(url)}); credentials are only sent "
+                f"to {self.source.base_url} (set follow_foreign_next: true on the source to "
+                "follow it without them)",
+                transient=False,
+            )
+        if self._foreign is None:
+            self._foreign = httpx.Client(
+                timeout=self.source.timeout, follow_redirects=True, max_redirects=10
+            )
+        return self._foreign
+
+    def _backoff(self, attempt: int) -> float:
+        cap = min(self.retry.max_backoff, self.retry.backoff * 2**attempt)
+        return cap / 2 + random.random() * cap / 2  # "equal jitter": never zero, never in step
+
+    def get(self, req: PageRequest) -> httpx.Response:
+        """GET with retries; returns a 2xx response with its body read, or raises HTTPError."""
+        client = self._client_for(req.url)
+        attempts = self.retry.attempts
+        last: str = ""
+        for attempt in range(attempts):
+            if self.limiter is not None:
+                self.limiter.wait()
+            try:
+                response = client.get(req.url, params=req.params or None)
+            except httpx.TooManyRedirects:
+                raise HTTPError(
+                    "too many redirects (a redirect loop)", url=redact_url(req.url), transient=False
+                ) from None
+            except httpx.TransportError as e:
+                last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                url = redact_url(e.request.url) if _has_request(e) else redact_url(req.url)
+                if attempt + 1 < attempts:
+                    self.sleep(self._backoff(attempt))
+                    continue
+                raise HTTPError(f"{last} after {attempts} tries", url=url) from None
+            status = response.status_code
+            if status < 300:
+                return response
+            url = redact_url(response.url)
+            last = f"HTTP {status}"
+            if status in RETRY_STATUSES and attempt + 1 < attempts:
+                wait = retry_after(response)
+                wait = self._backoff(attempt) if wait is None else min(wait, self.retry.max_backoff)
+                self.sleep(wait)
+                continue
+            snippet = response.text[:200].strip().replace("\n", " ")
+            transient = status in RETRY_STATUSES
+            tries = f" after {attempts} tries" if transient else ""
+            raise HTTPError(f"HTTP {status}{tries}: {snippet}", url=url, transient=transient)
+        raise HTTPError(last or "no response", url=redact_url(req.url))  # pragma: no cover
+
+
+def _has_request(e: httpx.TransportError) -> bool:
+    try:
+        e.request  # noqa: B018 - raises when the error has no request attached
+    except RuntimeError:
+        return False
+    return True

@@ -1,0 +1,110 @@
+"""Run a stream's flow from the command line, for people.
+
+Prefect's console output is turned down (the CLI draws its own progress); its logs still
+reach the API, so the UI shows everything, tracebacks included. Works with no Prefect
+settings at all: the embedded server is started with a generous timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+
+from .config import Config
+from .engine import PartitionOutcome
+from .prefect_env import configure
+
+
+@dataclass
+class RunReport:
+    """What a run did, for the summary line and the exit code."""
+
+    stream: str
+    ok: bool
+    outcomes: list[PartitionOutcome] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
+    flow_run_id: str | None = None
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.outcomes: list[PartitionOutcome] = []
+
+    def page_committed(self, stream: str, partition: str, pages: int, records: int) -> None:
+        pass
+
+    def partition_done(self, stream: str, outcome: PartitionOutcome) -> None:
+        self.outcomes.append(outcome)
+
+
+def quiet_prefect(verbose: bool) -> None:
+    """Before Prefect is imported: its console handler only shows errors unless --verbose."""
+    configure()
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+
+
+def flatten(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [e for sub in exc.exceptions for e in flatten(sub)]
+    return [exc]
+
+
+def run_stream(
+    config: Config,
+    stream: str,
+    *,
+    console: Console,
+    full_refresh: bool = False,
+    verbose: bool = False,
+    observers: list[Any] | None = None,
+) -> RunReport:
+    """Run the stream's flow in this process and report how it went (never raises for
+    partition failures: those are in the report)."""
+    quiet_prefect(verbose)
+    if not os.environ.get("PREFECT_API_URL"):
+        console.print(
+            "[dim]No PREFECT_API_URL: using Prefect's embedded server "
+            "(its first start on a machine can take a minute).[/dim]",
+            highlight=False,
+        )
+    from pagesync.flows import stream as flows_stream  # Prefect is imported only here
+
+    collector = _Collector()
+    extra = [collector, *(observers or [])]
+    flows_stream.OBSERVERS.extend(extra)
+    handler = _PeopleHandler(console)
+    logging.getLogger("pagesync").addHandler(handler)
+    try:
+        source = config.sources[config.stream(stream).source]
+        state = flows_stream.flow_for(stream, source.concurrency)(
+            stream=stream,
+            config=str(config.path) if config.path else None,
+            full_refresh=full_refresh,
+            return_state=True,
+        )
+    finally:
+        for obs in extra:
+            flows_stream.OBSERVERS.remove(obs)
+        logging.getLogger("pagesync").removeHandler(handler)
+    report = RunReport(stream, ok=state.is_completed(), outcomes=collector.outcomes)
+    report.flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None
+    if not report.ok:
+        exc = state.result(raise_on_failure=False)
+        report.errors = flatten(exc) if isinstance(exc, BaseException) else [RuntimeError(str(exc))]
+    return report
+
+
+class _PeopleHandler(logging.Handler):
+    """pagesync's own warnings, shown to the person running the CLI."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(logging.WARNING)
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.console.print(f"[yellow]warning:[/yellow] {record.getMessage()}", highlight=False)

@@ -1,0 +1,23 @@
+"""Prefect settings pagesync needs, applied before Prefect is imported.
+
+They are defaults only (os.environ.setdefault): a user's own settings always win. They
+make a fresh machine work (a first ephemeral-server start can take longer than Prefect's
+own 20 s limit), keep an offline machine quiet, and send pagesync's own log lines to the
+flow run's logs in the UI.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULTS = {
+    # The first start of the embedded server migrates its database: 10-20 s, sometimes more.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "pagesync",
+}
+
+
+def configure() -> None:
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)

@@ -1,0 +1,412 @@
+"""The checkpoint store: partition state, the page log, leases and schema migrations.
+
+Tables are declared with sqlmodel; the per-page path uses SQLAlchemy Core statements
+compiled once, because it runs once per page and must cost little. Every state change
+of a partition is a compare-and-swap on its `version`, so a runner that lost its lease
+can never overwrite newer progress.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Engine, and_, create_engine, event, func, insert, select, text, update
+from sqlalchemy.engine import Connection
+from sqlmodel import Field, SQLModel
+
+from . import mergepatch
+from .errors import LeaseLost, StateError
+
+SCHEMA_VERSION = 1
+
+PENDING, RUNNING, COMPLETE, INCOMPLETE = "pending", "running", "complete", "incomplete"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class PartitionRow(SQLModel, table=True):
+    """One partition of a stream: where it is, who holds it, what it has committed."""
+
+    __tablename__ = "pagesync_partitions"
+
+    stream: str = Field(primary_key=True)
+    #: "" for the stream's own runs; a backfill id for a backfill's windows.
+    scope: str = Field(default="", primary_key=True)
+    partition: str = Field(primary_key=True)
+    status: str = Field(default=PENDING, index=True)
+    #: The checkpoint document (JSON): cursor, next token, page, sorted, ... Changed by merge patches.
+    state: str = "{}"
+    version: int = 0
+    pages: int = 0
+    records: int = 0
+    lease_owner: str | None = None
+    lease_expires: float | None = None
+    error: str | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class PageLogRow(SQLModel, table=True):
+    """Append-only: one row per committed page, written in the checkpoint's transaction."""
+
+    __tablename__ = "pagesync_pages"
+
+    id: int | None = Field(default=None, primary_key=True)
+    stream: str = Field(index=True)
+    scope: str = ""
+    partition: str
+    page: int
+    records: int
+    cursor_before: str | None = None
+    cursor_after: str | None = None
+    flow_run_id: str | None = None
+    task_run_id: str | None = None
+    committed_at: datetime = Field(default_factory=utcnow)
+
+
+class MetaRow(SQLModel, table=True):
+    __tablename__ = "pagesync_meta"
+
+    key: str = Field(primary_key=True)
+    value: str
+
+
+P = PartitionRow.__table__  # type: ignore[attr-defined]
+L = PageLogRow.__table__  # type: ignore[attr-defined]
+M = MetaRow.__table__  # type: ignore[attr-defined]
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    """WAL (readers never block the writer), a busy timeout, and BEGIN IMMEDIATE.
+
+    pysqlite's own transaction handling starts transactions lazily and can fail to upgrade
+    a read lock; taking the write lock at BEGIN makes every commit wait its turn instead.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        readonly = conn.get_execution_options().get("readonly")
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+_ENGINES: dict[str, Engine] = {}
+
+
+def engine_for(url: str) -> Engine:
+    """One engine per database URL per process, set up for pagesync's access pattern."""
+    if url not in _ENGINES:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            _sqlite_setup(engine)
+        else:
+            engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        _ENGINES[url] = engine
+    return _ENGINES[url]
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def loads(value: str | None) -> Any:
+    return orjson.loads(value) if value else None
+
+
+# Migrations: MIGRATIONS[n] takes the store from version n to n + 1, inside one transaction.
+Migration = Callable[[Connection], None]
+
+
+def _v0_to_v1(conn: Connection) -> None:
+    SQLModel.metadata.create_all(conn, tables=[P, L, M])
+
+
+MIGRATIONS: list[Migration] = [_v0_to_v1]
+
+
+def owner_id(flow_run_id: str | None = None) -> str:
+    """host:pid:flow-run: enough to tell a dead local runner or a retried flow run."""
+    return f"{socket.gethostname()}:{os.getpid()}:{flow_run_id or '-'}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lease_is_free(owner: str | None, expires: float | None, me: str, now: float) -> bool:
+    """Whether `me` may take a partition held by `owner` until `expires`."""
+    if not owner or expires is None or expires <= now or owner == me:
+        return True
+    host, _, rest = owner.partition(":")
+    pid, _, flow_run = rest.partition(":")
+    my_host, _, my_rest = me.partition(":")
+    my_flow_run = my_rest.partition(":")[2]
+    if flow_run != "-" and flow_run == my_flow_run:
+        return True  # the same flow run, retried: its earlier attempt is over
+    return host == my_host and pid.isdigit() and not _pid_alive(int(pid))
+
+
+@dataclass
+class Lease:
+    """A held partition: the version we last wrote, and our copy of its state."""
+
+    stream: str
+    scope: str
+    partition: str
+    owner: str
+    version: int
+    status: str
+    state: dict[str, Any]
+    pages: int
+    records: int
+    ttl: float
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Store:
+    """Checkpoint store on one database (SQLite or PostgreSQL)."""
+
+    def __init__(self, url: str, *, lease_ttl: float = 300.0) -> None:
+        self.url = url
+        self.engine = engine_for(url)
+        self.lease_ttl = lease_ttl
+        self._migrated = False
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    # -- schema -------------------------------------------------------------------------
+
+    def schema_version(self, conn: Connection) -> int:
+        if not self.engine.dialect.has_table(conn, M.name):
+            return 0
+        value = conn.execute(select(M.c.value).where(M.c.key == "schema_version")).scalar()
+        return int(value) if value else 0
+
+    def migrate(self) -> int:
+        """Bring the schema to SCHEMA_VERSION in one transaction, once, before any partition."""
+        if self._migrated:
+            return SCHEMA_VERSION
+        with self.engine.begin() as conn:
+            if self.engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(7305)"))  # one migrator at a time
+            version = self.schema_version(conn)
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"state database schema version {version} is newer than this pagesync "
+                    f"({SCHEMA_VERSION}); upgrade pagesync"
+                )
+            for step in MIGRATIONS[version:]:
+                step(conn)
+            if version < SCHEMA_VERSION:
+                values = {"key": "schema_version", "value": str(SCHEMA_VERSION)}
+                if version == 0:
+                    conn.execute(insert(M).values(values))
+                else:
+                    conn.execute(update(M).where(M.c.key == "schema_version").values(values))
+        self._migrated = True
+        return SCHEMA_VERSION
+
+    # -- reading --------------------------------------------------------------------------
+
+    def partitions(self, stream: str | None = None, scope: str | None = "") -> list[dict[str, Any]]:
+        """Rows as dicts with `state` parsed, ordered by stream and partition."""
+        q = select(P)
+        if stream is not None:
+            q = q.where(P.c.stream == stream)
+        if scope is not None:
+            q = q.where(P.c.scope == scope)
+        with self.reading() as conn:
+            rows = conn.execute(q.order_by(P.c.stream, P.c.scope, P.c.partition)).mappings().all()
+        return [{**row, "state": loads(row["state"]) or {}} for row in rows]
+
+    def history(self, stream: str, scope: str | None = None) -> list[dict[str, Any]]:
+        q = select(L).where(L.c.stream == stream)
+        if scope is not None:
+            q = q.where(L.c.scope == scope)
+        with self.reading() as conn:
+            rows = conn.execute(q.order_by(L.c.id)).mappings().all()
+        out = []
+        for row in rows:
+            d = dict(row)
+            d["cursor_before"], d["cursor_after"] = (
+                loads(d["cursor_before"]),
+                loads(d["cursor_after"]),
+            )
+            out.append(d)
+        return out
+
+    def high_water_mark(self, stream: str) -> Any:
+        """The largest cursor over the stream's completed partitions (backfills included)."""
+        values = [
+            p["state"]["cursor"]
+            for p in self.partitions(stream, scope=None)
+            if p["status"] == COMPLETE and p["state"].get("cursor") is not None
+        ]
+        try:
+            return max(values) if values else None
+        except TypeError:  # cursor types differ across partitions: compare as text
+            return max(values, key=str)
+
+    # -- writing --------------------------------------------------------------------------
+
+    def ensure(self, stream: str, scope: str, keys: list[str]) -> None:
+        """Create pending rows for partitions seen for the first time."""
+        with self.engine.begin() as conn:
+            have = set(
+                conn.execute(
+                    select(P.c.partition).where(P.c.stream == stream, P.c.scope == scope)
+                ).scalars()
+            )
+            missing = [k for k in dict.fromkeys(keys) if k not in have]
+            if missing:
+                now = utcnow()
+                conn.execute(
+                    insert(P),
+                    [{"stream": stream, "scope": scope, "partition": k, "status": PENDING,
+                      "state": "{}", "version": 0, "pages": 0, "records": 0, "updated_at": now}
+                     for k in missing],
+                )  # fmt: skip
+
+    def try_acquire(self, stream: str, scope: str, partition: str, owner: str) -> Lease | None:
+        """Take the partition's lease if it is free; None while another live runner holds it."""
+        key = and_(P.c.stream == stream, P.c.scope == scope, P.c.partition == partition)
+        with self.engine.begin() as conn:
+            row = conn.execute(select(P).where(key)).mappings().one()
+            now = time.time()
+            if not lease_is_free(row["lease_owner"], row["lease_expires"], owner, now):
+                return None
+            version = row["version"] + 1
+            done = conn.execute(
+                update(P)
+                .where(key, P.c.version == row["version"])
+                .values(lease_owner=owner, lease_expires=now + self.lease_ttl, version=version,
+                        updated_at=utcnow())
+            ).rowcount  # fmt: skip
+            if done != 1:
+                return None
+        return Lease(
+            stream=stream, scope=scope, partition=partition, owner=owner, version=version,
+            status=row["status"], state=loads(row["state"]) or {}, pages=row["pages"],
+            records=row["records"], ttl=self.lease_ttl,
+        )  # fmt: skip
+
+    def acquire(
+        self, stream: str, scope: str, partition: str, owner: str, *, poll: float = 0.5,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> Lease:  # fmt: skip
+        """Take the lease, waiting while a live runner holds it (it renews on every commit)."""
+        told = False
+        while True:
+            lease = self.try_acquire(stream, scope, partition, owner)
+            if lease is not None:
+                return lease
+            if on_wait is not None and not told:
+                on_wait(partition)
+                told = True
+            time.sleep(poll)
+
+    def write(
+        self,
+        conn: Connection,
+        lease: Lease,
+        *,
+        patch: dict[str, Any],
+        status: str | None = None,
+        error: str | None = None,
+        release: bool = False,
+    ) -> None:
+        """Commit a checkpoint inside the caller's transaction: page log rows, then a CAS.
+
+        Raises LeaseLost (the caller rolls back, records included) when the version moved.
+        """
+        if lease.log:
+            conn.execute(insert(L), lease.log)
+        new_state = mergepatch.apply(lease.state, patch)
+        pages = lease.pages + len(lease.log)
+        records = lease.records + sum(entry["records"] for entry in lease.log)
+        values: dict[str, Any] = {
+            "state": dumps(new_state), "version": lease.version + 1, "pages": pages,
+            "records": records, "updated_at": utcnow(),
+            "lease_expires": None if release else time.time() + lease.ttl,
+        }  # fmt: skip
+        if release:
+            values["lease_owner"] = None
+        if status is not None:
+            values["status"] = status
+        if error is not None or status == COMPLETE:
+            values["error"] = error
+        done = conn.execute(
+            update(P)
+            .where(
+                P.c.stream == lease.stream, P.c.scope == lease.scope,
+                P.c.partition == lease.partition, P.c.version == lease.version,
+                P.c.lease_owner == lease.owner,
+            )
+            .values(values)
+        ).rowcount  # fmt: skip
+        if done != 1:
+            raise LeaseLost(
+                f"partition {lease.partition} of stream {lease.stream} was taken over by another "
+                "run; this run's uncommitted pages were rolled back"
+            )
+        # Only now does our copy move: a refused commit leaves it as it was.
+        lease.version += 1
+        lease.state, lease.pages, lease.records = new_state, pages, records
+        if status is not None:
+            lease.status = status
+        lease.log = []
+
+    def commit(self, lease: Lease, **kw: Any) -> None:
+        """write() in a transaction of its own."""
+        with self.engine.begin() as conn:
+            self.write(conn, lease, **kw)
+
+    def reset(self, stream: str, scope: str | None = None) -> int:
+        """Forget a stream's partitions and page log (the destination table stays)."""
+        with self.engine.begin() as conn:
+            qp, ql = P.delete().where(P.c.stream == stream), L.delete().where(L.c.stream == stream)
+            if scope is not None:
+                qp, ql = qp.where(P.c.scope == scope), ql.where(L.c.scope == scope)
+            n = conn.execute(qp).rowcount
+            conn.execute(ql)
+        return n
+
+    def count_partitions(self, stream: str) -> int:
+        with self.reading() as conn:
+            return (
+                conn.execute(
+                    select(func.count()).select_from(P).where(P.c.stream == stream)
+                ).scalar()
+                or 0
+            )
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """A read-only connection: on SQLite it never takes the write lock."""
+        with self.engine.connect() as conn:
+            yield conn.execution_options(readonly=True)

@@ -1,0 +1,59 @@
+"""The partition task and its page subtasks: the Prefect names, tags and retries.
+
+All the work is the engine's (`pagesync.engine`); these functions only give each page a
+task run of its own, named `stream · partition · page N`, retried on transient errors.
+No record passes through Prefect: a page task returns counts, never rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import Task, tags, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import TaskRunContext
+from prefect.states import State
+
+from pagesync.engine import PageResult, PartitionOutcome, PartitionRun, StreamRun, run_partition
+from pagesync.errors import LeaseLost
+from pagesync.partitions import PartitionSpec
+
+
+def _worth_retrying(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry network and server trouble; not config errors, loops or a lost lease."""
+    exc = state.result(raise_on_failure=False)
+    if isinstance(exc, LeaseLost):
+        return False
+    return bool(getattr(exc, "transient", True))
+
+
+@task(
+    name="page",
+    task_run_name="{stream} · {partition} · page {page}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=1,
+    retry_condition_fn=_worth_retrying,
+)
+def page_task(part: PartitionRun, stream: str, partition: str, page: int) -> PageResult:
+    """Fetch, write and (when due) checkpoint one page."""
+    ctx = TaskRunContext.get()
+    return part.step(page, str(ctx.task_run.id) if ctx else None)
+
+
+@task(
+    name="partition",
+    task_run_name="{stream} · {partition}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def partition_task(
+    run: StreamRun, spec: PartitionSpec, stream: str, partition: str
+) -> PartitionOutcome:
+    """Walk one partition from its resume point to its end, a page task per page."""
+    retry = run.source.retry
+    pager = page_task.with_options(retries=retry.task_retries)
+    with tags(f"stream:{stream}", f"partition:{partition}"):
+        return run_partition(run.partition(spec), lambda p, n: pager(p, stream, partition, n))
