@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pagesync.tasks import partition_task
+from pagesync.tasks import tagged
 from prefect import Flow, flow
 from prefect.context import FlowRunContext
 from prefect.futures import wait
@@ -44,7 +44,7 @@ def sync_stream(
     )
     try:
         specs = run.prepare()
-        futures = [partition_task.submit(run, s, stream, s.key) for s in specs]
+        futures = [tagged(stream, s.key).submit(run, s, stream, s.key) for s in specs]
         wait(futures)
         outcomes: list[PartitionOutcome] = []
         errors: list[Exception] = []

@@ -4,6 +4,6 @@ from pagesync.prefect_env import configure as _configure
 
 _configure()
 
-from .partition import page_task, partition_task  # noqa: E402
+from .partition import page_task, partition_task, tagged  # noqa: E402
 
-__all__ = ["page_task", "partition_task"]
+__all__ = ["page_task", "partition_task", "tagged"]

@@ -3,13 +3,18 @@
 All the work is the engine's (`pagesync.engine`); these functions only give each page a
 task run of its own, named `stream · partition · page N`, retried on transient errors.
 No record passes through Prefect: a page task returns counts, never rows.
+
+Tags (`stream:NAME`, `partition:KEY`) go on the partition task only: in Prefect 3.9 every
+task run with tags makes an API call for tag concurrency limits before it starts, which on
+a page task would cost a round trip per page (measured: a 50-partition run went from 18 s
+to 53 s).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import Task, tags, task
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
@@ -55,5 +60,9 @@ def partition_task(
     """Walk one partition from its resume point to its end, a page task per page."""
     retry = run.source.retry
     pager = page_task.with_options(retries=retry.task_retries)
-    with tags(f"stream:{stream}", f"partition:{partition}"):
-        return run_partition(run.partition(spec), lambda p, n: pager(p, stream, partition, n))
+    return run_partition(run.partition(spec), lambda p, n: pager(p, stream, partition, n))
+
+
+def tagged(stream: str, partition: str) -> Task[..., PartitionOutcome]:
+    """The partition task with the tags the dashboard filters on."""
+    return partition_task.with_options(tags={f"stream:{stream}", f"partition:{partition}"})

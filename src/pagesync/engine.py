@@ -29,7 +29,17 @@ from .extract import dig, parse_body, records_at
 from .http import RateLimiter, SourceClient, redact_url
 from .paginators import PageRequest, Token, make_paginator
 from .partitions import PartitionSpec, plan
-from .store import COMPLETE, INCOMPLETE, RUNNING, Lease, Store, dumps, engine_for, owner_id
+from .store import (
+    COMPLETE,
+    INCOMPLETE,
+    RUNNING,
+    Lease,
+    Store,
+    dumps,
+    engine_for,
+    owner_id,
+    write_lock,
+)
 
 log = logging.getLogger("pagesync")
 
@@ -140,8 +150,8 @@ class PartitionRun:
         self.outcome = PartitionOutcome(spec.key, RUNNING)
         self.warned = False
         self.last: PageResult | None = None
-        self._conn: Connection | None = None
-        self._dest_conn: Connection | None = None
+        #: Same-database mode: pages written since the last checkpoint, committed with it.
+        self._pending: list[tuple[list[dict[str, Any]], int]] = []
         self._ahead: tuple[PageRequest, Future[httpx.Response]] | None = None
         self._since_commit = (0, 0, time.monotonic())  # pages, records, when
         self._counts_at_open = (0, 0)
@@ -346,25 +356,21 @@ class PartitionRun:
         self._ahead = (req, self.run.fetcher.submit(self.run.client.get, req))
 
     def _write(self, records: list[dict[str, Any]], page: int) -> int:
+        """Same database: keep the page until its checkpoint, so one short transaction holds
+        records and state. Otherwise: upsert now (at-least-once), the checkpoint follows."""
         run = self.run
         if run.same_db:
-            if self._conn is None:
-                self._conn = run.store.engine.connect()
-                self._conn.begin()
-            conn = self._conn
-        else:
-            conn = run.destination.engine.connect()
-            conn.begin()
-        try:
-            n = run.destination.write(
-                conn, run.name, self.stream.primary_key, records, partition=self.key, page=page
-            )
-            if not run.same_db:
-                conn.commit()  # at-least-once: records first, the checkpoint follows
-        finally:
-            if not run.same_db:
-                conn.close()
-        return n
+            if records:
+                self._pending.append((records, page))
+            return len(records)
+        with write_lock(run.destination.engine), run.destination.engine.begin() as conn:
+            return self._upsert(conn, records, page)
+
+    def _upsert(self, conn: Connection, records: list[dict[str, Any]], page: int) -> int:
+        run = self.run
+        return run.destination.write(
+            conn, run.name, self.stream.primary_key, records, partition=self.key, page=page
+        )
 
     def _commit(self, done: bool) -> None:
         """The checkpoint: records (same database) and state in one transaction."""
@@ -375,28 +381,18 @@ class PartitionRun:
             new["done"] = True
         patch = mergepatch.diff(lease.state, new)
         status = COMPLETE if done else None
-        if run.same_db:
-            conn = self._conn
-            if conn is None:  # an empty last page: nothing written, still commit
-                conn = self._conn = run.store.engine.connect()
-                conn.begin()
+        with run.store.writing() as conn:
+            if run.same_db:
+                for records, page in self._pending:
+                    self._upsert(conn, records, page)
             run.store.write(conn, lease, patch=patch, status=status, release=done)
-            conn.commit()
-            conn.close()
-            self._conn = None
-        else:
-            run.store.commit(lease, patch=patch, status=status, release=done)
+        self._pending = []
         self._since_commit = (0, 0, time.monotonic())
         self._tell("page_committed", self.run.name, self.key, *self._new_counts())
 
     def _rollback(self) -> None:
         """Forget what was not committed: the database's copy and ours."""
-        if self._conn is not None:
-            try:
-                self._conn.rollback()
-                self._conn.close()
-            finally:
-                self._conn = None
+        self._pending = []
         if self._ahead is not None:
             self._ahead[1].cancel()
             self._ahead = None

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -108,6 +109,15 @@ def _sqlite_setup(engine: Engine) -> None:
 
 
 _ENGINES: dict[str, Engine] = {}
+_WRITE_LOCKS: dict[str, threading.Lock] = {}
+
+
+def write_lock(engine: Engine) -> AbstractContextManager[Any]:
+    """Queue this process's SQLite writers on a lock instead of in SQLite's busy handler,
+    which sleeps up to 100 ms between tries. PostgreSQL needs no such thing."""
+    if engine.dialect.name != "sqlite":
+        return nullcontext()
+    return _WRITE_LOCKS.setdefault(str(engine.url), threading.Lock())
 
 
 def engine_for(url: str) -> Engine:
@@ -211,7 +221,7 @@ class Store:
         """Bring the schema to SCHEMA_VERSION in one transaction, once, before any partition."""
         if self._migrated:
             return SCHEMA_VERSION
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             if self.engine.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(7305)"))  # one migrator at a time
             version = self.schema_version(conn)
@@ -276,7 +286,7 @@ class Store:
 
     def ensure(self, stream: str, scope: str, keys: list[str]) -> None:
         """Create pending rows for partitions seen for the first time."""
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             have = set(
                 conn.execute(
                     select(P.c.partition).where(P.c.stream == stream, P.c.scope == scope)
@@ -295,7 +305,7 @@ class Store:
     def try_acquire(self, stream: str, scope: str, partition: str, owner: str) -> Lease | None:
         """Take the partition's lease if it is free; None while another live runner holds it."""
         key = and_(P.c.stream == stream, P.c.scope == scope, P.c.partition == partition)
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             row = conn.execute(select(P).where(key)).mappings().one()
             now = time.time()
             if not lease_is_free(row["lease_owner"], row["lease_expires"], owner, now):
@@ -383,12 +393,12 @@ class Store:
 
     def commit(self, lease: Lease, **kw: Any) -> None:
         """write() in a transaction of its own."""
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             self.write(conn, lease, **kw)
 
     def reset(self, stream: str, scope: str | None = None) -> int:
         """Forget a stream's partitions and page log (the destination table stays)."""
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             qp, ql = P.delete().where(P.c.stream == stream), L.delete().where(L.c.stream == stream)
             if scope is not None:
                 qp, ql = qp.where(P.c.scope == scope), ql.where(L.c.scope == scope)
@@ -404,6 +414,12 @@ class Store:
                 ).scalar()
                 or 0
             )
+
+    @contextmanager
+    def writing(self) -> Iterator[Connection]:
+        """A write transaction, queued behind this process's other writers on SQLite."""
+        with write_lock(self.engine), self.engine.begin() as conn:
+            yield conn
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:

@@ -1,0 +1,167 @@
+"""Test fixtures: real parts only. A real Prefect server (one per session), the project's
+own HTTP API on loopback with switchable faults, SQLite files and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from pagesync.demo.api import DemoAPI
+
+PG_ADMIN_URL = os.environ.get("PAGESYNC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+_SERVER: dict[str, Any] = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start one real Prefect server for the whole session, before Prefect is imported.
+
+    Prefect reads its settings when it is first imported, so PREFECT_API_URL must be set
+    before any test module imports pagesync.flows.
+    """
+    if hasattr(config, "workerinput") or os.environ.get("PAGESYNC_TEST_NO_SERVER"):
+        return
+    home = Path(tempfile.mkdtemp(prefix="pagesync-prefect-"))
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"Prefect server did not start; see {home / 'server.log'}")
+        time.sleep(0.25)  # waiting for a server to come up: polled, with a deadline
+    _SERVER.update(proc=proc, home=home, url=url, log=log)
+    os.environ.update(
+        PREFECT_API_URL=url,
+        PREFECT_HOME=str(home / "client"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="WARNING",
+    )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    proc = _SERVER.get("proc")
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        _SERVER["log"].close()
+        shutil.rmtree(_SERVER["home"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> str:
+    return _SERVER["url"]
+
+
+@pytest.fixture
+def api() -> Iterator[DemoAPI]:
+    with DemoAPI(items=2000) as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped after it."""
+    import psycopg
+
+    name = f"pagesync_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    yield f"{base}/{name}"
+    from pagesync.store import _ENGINES
+
+    for key in [k for k in _ENGINES if k.endswith(f"/{name}")]:
+        _ENGINES.pop(key).dispose()
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def write_config(
+    folder: Path,
+    base_url: str,
+    streams: dict[str, dict[str, Any]],
+    *,
+    state: str = "sqlite:///pagesync.db",
+    destination: str | None = None,
+    source: dict[str, Any] | None = None,
+) -> Path:
+    """A pagesync.yaml in `folder` with one source, `shop`, and the given streams."""
+    data: dict[str, Any] = {
+        "state": state,
+        "sources": {"shop": {"base_url": base_url, "retry": {"attempts": 3, "backoff": 0.01,
+                                                              "max_backoff": 0.05, "task_retries": 1},
+                             **(source or {})}},
+        "streams": {name: {"source": "shop", **spec} for name, spec in streams.items()},
+    }  # fmt: skip
+    if destination:
+        data["destination"] = destination
+    path = folder / "pagesync.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+#: The demo API's endpoints, one per paginator kind, as stream configs.
+STREAMS: dict[str, dict[str, Any]] = {
+    "next_url": {"path": "/db/items.json", "params": {"_size": 150}, "records": "rows",
+                 "primary_key": ["id"], "cursor": {"field": "updated_at", "param": "updated_at__gte"},
+                 "paginator": {"type": "next_url", "path": "next_url"}},
+    "relative_next_url": {"path": "/next/items", "params": {"limit": 150}, "records": "data.items",
+                          "primary_key": ["id"], "paginator": {"type": "next_url", "path": "next_url"}},
+    "cursor": {"path": "/cursor/items", "params": {"limit": 150}, "records": "data.items",
+               "primary_key": ["id"], "cursor": {"field": "updated_at", "param": "updated_at__gte"},
+               "paginator": {"type": "cursor", "path": "meta.next", "param": "cursor"}},
+    "link_header": {"path": "/link/items", "params": {"per_page": 150}, "primary_key": ["id"],
+                    "paginator": {"type": "link_header"}},
+    "offset": {"path": "/offset/items", "records": "results", "primary_key": ["id"],
+               "paginator": {"type": "offset", "limit": 150}},
+    "page_number": {"path": "/page/items", "params": {"size": 150}, "records": "items",
+                    "primary_key": ["id"], "paginator": {"type": "page_number", "param": "page"}},
+}  # fmt: skip
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    """`pagesync ARGS` in a subprocess, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "pagesync.cli", *args],
+        cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
