@@ -159,7 +159,9 @@ STREAMS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess[str]:
     """`pagesync ARGS` in a subprocess, as a user would run it."""
     return subprocess.run(
         [sys.executable, "-m", "pagesync.cli", *args],

@@ -22,7 +22,7 @@ import httpx
 from sqlalchemy.engine import Connection
 
 from . import config as cfg
-from . import mergepatch
+from . import crashpoints, mergepatch
 from .destination import Destination
 from .errors import LeaseLost, PageError, PaginationLoop
 from .extract import dig, parse_body, records_at
@@ -121,6 +121,7 @@ class StreamRun:
         self.store.migrate()
         if specs is None:
             specs = plan(self.stream, parent_values=self.parent_values, **plan_kw)
+        crashpoints.reached("plan")
         self.store.ensure(self.name, self.scope, [s.key for s in specs])
         return specs
 
@@ -267,7 +268,9 @@ class PartitionRun:
         run, pos = self.run, self._position
         token: Token = pos.get("next", run.paginator.first())
         req = run.paginator.request(self._base, token)
+        crashpoints.reached("before_fetch")
         response = self._fetch(req)
+        crashpoints.reached("after_fetch")
         body = parse_body(response.content, response.headers.get("content-type"))
         records = records_at(body, self.stream.records)
         nxt = run.paginator.next(token, response, body, records)
@@ -285,6 +288,7 @@ class PartitionRun:
         if self.cursor_field and records:
             self._track_cursor(records)
         written = self._write(records, page)
+        crashpoints.reached("after_write")
         entry = {
             "stream": run.name, "scope": run.scope, "partition": self.key, "page": page,
             "records": written, "cursor_before": _j(cursor_before), "cursor_after": _j(pos.get("cursor")),
@@ -386,6 +390,8 @@ class PartitionRun:
                 for records, page in self._pending:
                     self._upsert(conn, records, page)
             run.store.write(conn, lease, patch=patch, status=status, release=done)
+            crashpoints.reached("in_commit")
+        crashpoints.reached("after_commit")
         self._pending = []
         self._since_commit = (0, 0, time.monotonic())
         self._tell("page_committed", self.run.name, self.key, *self._new_counts())

@@ -42,10 +42,10 @@ class _Collector:
 
 
 def quiet_prefect(verbose: bool) -> None:
-    """Before Prefect is imported: its console handler only shows errors unless --verbose."""
+    """Before Prefect is imported: the CLI draws its own output, so Prefect's console handler
+    stays silent unless --verbose (its logs still go to the API and the UI)."""
     configure()
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO" if verbose else "CRITICAL"
 
 
 def flatten(exc: BaseException) -> list[BaseException]:

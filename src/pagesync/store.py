@@ -23,7 +23,7 @@ from sqlalchemy import Engine, and_, create_engine, event, func, insert, select,
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
 
-from . import mergepatch
+from . import crashpoints, mergepatch
 from .errors import LeaseLost, StateError
 
 SCHEMA_VERSION = 1
@@ -232,6 +232,7 @@ class Store:
                 )
             for step in MIGRATIONS[version:]:
                 step(conn)
+                crashpoints.reached("migrate")
             if version < SCHEMA_VERSION:
                 values = {"key": "schema_version", "value": str(SCHEMA_VERSION)}
                 if version == 0:

@@ -1,0 +1,82 @@
+"""Assertions shared by the end-to-end tests: what the destination and the store hold."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import create_engine, text
+
+
+def rows(db_url: str, table: str) -> list[dict[str, Any]]:
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return [dict(r) for r in conn.execute(text(f'SELECT * FROM "{table}"')).mappings()]
+    finally:
+        engine.dispose()
+
+
+def assert_exactly_once(db_url: str, table: str, expected_ids: list[int]) -> None:
+    """Every source record once: as many rows as ids, no id missing, none extra."""
+    got = [r["id"] for r in rows(db_url, table)]
+    assert len(got) == len(set(got)), "duplicate rows"
+    missing = sorted(set(expected_ids) - set(got))
+    extra = sorted(set(got) - set(expected_ids))
+    assert not missing, f"{len(missing)} records lost, e.g. {missing[:5]}"
+    assert not extra, f"unexpected records {extra[:5]}"
+
+
+def partition_rows(db_url: str, stream: str) -> list[dict[str, Any]]:
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            q = text("SELECT * FROM pagesync_partitions WHERE stream = :s ORDER BY partition")
+            return [dict(r) for r in conn.execute(q, {"s": stream}).mappings()]
+    finally:
+        engine.dispose()
+
+
+def committed_pages(db_url: str, stream: str) -> int:
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            try:
+                q = text("SELECT COUNT(*) FROM pagesync_pages WHERE stream = :s")
+                return conn.execute(q, {"s": stream}).scalar() or 0
+            except Exception:  # the store does not exist yet
+                return 0
+    finally:
+        engine.dispose()
+
+
+def assert_counters_match_log(db_url: str, stream: str) -> None:
+    """A partition's pages and records counters equal what its page log says."""
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            q = text(
+                "SELECT p.partition, p.pages, p.records, COUNT(l.id) AS logged, "
+                "COALESCE(SUM(l.records), 0) AS logged_records FROM pagesync_partitions p "
+                "LEFT JOIN pagesync_pages l ON l.stream = p.stream AND l.scope = p.scope "
+                "AND l.partition = p.partition WHERE p.stream = :s "
+                "GROUP BY p.partition, p.pages, p.records"
+            )
+            for r in conn.execute(q, {"s": stream}).mappings():
+                assert r["pages"] == r["logged"], dict(r)
+                assert r["records"] == r["logged_records"], dict(r)
+    finally:
+        engine.dispose()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 120, what: str = "condition") -> Any:
+    """Poll `condition` until it is truthy (a state to reach, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
