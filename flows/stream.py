@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from pagesync.tasks import tagged
 from prefect import Flow, flow
+from prefect.artifacts import create_table_artifact
 from prefect.context import FlowRunContext
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pagesync.config import load_config
+from pagesync.config import Config, load_config
 from pagesync.engine import Observer, PartitionOutcome, StreamRun
-from pagesync.errors import PagesyncError
+from pagesync.tasks import tagged
 
 #: Observers told of progress by runs in this process (the CLI's live display).
 OBSERVERS: list[Observer] = []
 
 
-class StreamFailed(PagesyncError):
-    """Some partitions of a stream failed; carries every one of their errors."""
+def backfill_scope(
+    stream: str, start: datetime | None, end: datetime | None, backfill_id: str | None
+) -> str:
+    """The id under which a backfill's windows keep their checkpoints.
+
+    Derived from stream and range by default, so triggering the same backfill again (UI,
+    CLI or Retry) finds its complete windows and resumes the others.
+    """
+    if backfill_id:
+        return backfill_id
+    lo = start.strftime("%Y-%m-%dT%H:%M:%SZ") if start else "-"
+    hi = end.strftime("%Y-%m-%dT%H:%M:%SZ") if end else "-"
+    return f"backfill {stream} {lo}..{hi}"
 
 
 @flow(name="pagesync", persist_result=False, log_prints=False)
@@ -27,30 +39,46 @@ def sync_stream(
     stream: str,
     config: str | None = None,
     full_refresh: bool = False,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    backfill_id: str | None = None,
 ) -> dict[str, Any]:
-    """Sync one stream: each partition a task, each page a retried, checkpointed subtask."""
+    """Sync one stream: each partition a task, each page a retried, checkpointed subtask.
+
+    Args:
+        stream: Name of the stream in the config file.
+        config: Path of pagesync.yaml (default: $PAGESYNC_CONFIG, else ./pagesync.yaml).
+        full_refresh: Ignore the high-water mark and completed partitions.
+        start: Backfill: first instant to sync (inclusive). With `end`, the range is split
+            into the stream's windows, each resumable on its own.
+        end: Backfill: the instant to stop at (exclusive).
+        backfill_id: Backfill: id under which its windows are checkpointed. Default: derived
+            from stream and range, so running the same backfill again resumes it.
+    """
     cfg = load_config(config)
     ctx = FlowRunContext.get()
     flow_run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
     spec = cfg.stream(stream)
-    if spec.partitions is not None and spec.partitions.type == "parent":
-        # The parent is read through its own flow and checkpoints first.
-        flow_for(
-            spec.partitions.stream,
-            cfg.sources[cfg.streams[spec.partitions.stream].source].concurrency,
-        )(stream=spec.partitions.stream, config=config)
-    run = StreamRun(
-        cfg, stream, flow_run_id=flow_run_id, full_refresh=full_refresh, observers=list(OBSERVERS)
+    backfill = start is not None or end is not None
+    parent = (
+        spec.partitions.stream if spec.partitions and spec.partitions.type == "parent" else None
     )
+    if parent and not backfill:
+        # The parent is read through its own flow and checkpoints first.
+        flow_for(parent, _concurrency(cfg, parent))(stream=parent, config=config)
+    scope = backfill_scope(stream, start, end, backfill_id) if backfill else ""
+    run = StreamRun(
+        cfg, stream, flow_run_id=flow_run_id, full_refresh=full_refresh, scope=scope,
+        observers=list(OBSERVERS),
+    )  # fmt: skip
     try:
-        specs = run.prepare()
+        specs = run.prepare(start=start, end=end) if backfill else run.prepare()
         futures = [tagged(stream, s.key).submit(run, s, stream, s.key) for s in specs]
         wait(futures)
         outcomes: list[PartitionOutcome] = []
         errors: list[Exception] = []
         for s, fut in zip(specs, futures, strict=True):
-            state = fut.state
-            if state.is_completed():
+            if fut.state.is_completed():
                 outcomes.append(fut.result())
             else:
                 exc = fut.result(raise_on_failure=False)
@@ -58,24 +86,51 @@ def sync_stream(
                 outcomes.append(PartitionOutcome(s.key, "incomplete", error=str(exc)))
     finally:
         run.close()
-    summary = {
-        "stream": stream,
-        "partitions": len(outcomes),
-        "complete": sum(o.status == "complete" for o in outcomes),
-        "pages": sum(o.pages for o in outcomes),
-        "records": sum(o.records for o in outcomes),
-    }
+    _summary_artifact(stream, scope, outcomes)
     if errors:
         raise ExceptionGroup(
             f"stream {stream}: {len(errors)} of {len(outcomes)} partitions failed", errors
         )
-    return summary
+    return {
+        "stream": stream,
+        "scope": scope,
+        "partitions": len(outcomes),
+        "complete": sum(o.status == "complete" for o in outcomes),
+        "pages": sum(o.new_pages for o in outcomes),
+        "records": sum(o.new_records for o in outcomes),
+    }
+
+
+def _summary_artifact(stream: str, scope: str, outcomes: list[PartitionOutcome]) -> None:
+    """One table per flow run: what each partition did in it."""
+    table = [
+        {
+            "partition": o.partition,
+            "status": "complete (skipped)" if o.skipped else o.status,
+            "pages": o.pages,
+            "records": o.records,
+            "pages this run": o.new_pages,
+            "records this run": o.new_records,
+            "first cursor": "" if o.first_cursor is None else str(o.first_cursor),
+            "last cursor": "" if o.last_cursor is None else str(o.last_cursor),
+            "resumed from": o.resumed_from or "",
+            "error": o.error or "",
+        }
+        for o in outcomes
+    ]
+    key = "".join(c if c.isalnum() else "-" for c in f"pagesync-{stream}".lower())
+    title = f"{stream}" + (f" ({scope})" if scope else "")
+    create_table_artifact(table, key=key, description=f"Partitions of {title}")
+
+
+def _concurrency(cfg: Config, stream: str) -> int:
+    return cfg.sources[cfg.streams[stream].source].concurrency
 
 
 def flow_for(stream: str, concurrency: int = 4) -> Flow[..., dict[str, Any]]:
     """The stream's own flow: named after it, with as many partitions in flight as allowed."""
     return sync_stream.with_options(
         name=stream,
-        flow_run_name=f"{stream}",
+        flow_run_name=stream,
         task_runner=ThreadPoolTaskRunner(max_workers=concurrency),
     )

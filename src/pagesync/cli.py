@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -87,7 +88,7 @@ def run(
     raise typer.Exit(code)
 
 
-def _run(cfg: Config, stream: str, *, full_refresh: bool = False, verbose: bool = False) -> int:
+def _run(cfg: Config, stream: str, *, verbose: bool = False, **params: Any) -> int:
     from .launch import run_stream
     from .progress import Progress
 
@@ -95,9 +96,8 @@ def _run(cfg: Config, stream: str, *, full_refresh: bool = False, verbose: bool 
     try:
         with Progress(out, stream) as progress:
             report = run_stream(
-                cfg, stream, console=err, full_refresh=full_refresh, verbose=verbose,
-                observers=[progress],
-            )  # fmt: skip
+                cfg, stream, console=err, verbose=verbose, observers=[progress], **params
+            )
     except PagesyncError as e:
         if verbose:
             err.print_exception()
@@ -122,6 +122,31 @@ def _run(cfg: Config, stream: str, *, full_refresh: bool = False, verbose: bool 
 
             err.print("".join(traceback.format_exception(exc)), markup=False)
     return 1
+
+
+@app.command()
+def backfill(
+    stream: Annotated[str, typer.Argument(help="The stream to backfill.")],
+    start: Annotated[datetime, typer.Option(help="First instant (inclusive), e.g. 2024-01-01.")],
+    end: Annotated[datetime, typer.Option(help="Last instant (exclusive).")],
+    backfill_id: Annotated[
+        str | None, typer.Option("--id", help="Checkpoint id (default: from stream and range).")
+    ] = None,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Sync [start, end) window by window; running it again resumes where it stopped."""
+    cfg = _config(config)
+    _stream(cfg, stream)
+    start, end = _utc(start), _utc(end)
+    if end <= start:
+        raise fail("--end must be after --start")
+    code = _run(cfg, stream, verbose=verbose, start=start, end=end, backfill_id=backfill_id)
+    raise typer.Exit(code)
+
+
+def _utc(dt: datetime) -> datetime:
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
 
 
 # -- state --------------------------------------------------------------------------------

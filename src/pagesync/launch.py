@@ -59,9 +59,9 @@ def run_stream(
     stream: str,
     *,
     console: Console,
-    full_refresh: bool = False,
     verbose: bool = False,
     observers: list[Any] | None = None,
+    **params: Any,
 ) -> RunReport:
     """Run the stream's flow in this process and report how it went (never raises for
     partition failures: those are in the report)."""
@@ -84,8 +84,8 @@ def run_stream(
         state = flows_stream.flow_for(stream, source.concurrency)(
             stream=stream,
             config=str(config.path) if config.path else None,
-            full_refresh=full_refresh,
             return_state=True,
+            **params,
         )
     finally:
         for obs in extra:

@@ -15,6 +15,7 @@ from urllib.parse import quote
 from . import config as cfg
 
 DEFAULT_KEY = "all"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
