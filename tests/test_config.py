@@ -213,7 +213,9 @@ def test_set_env_var_wins_over_default(tmp_path: Path, monkeypatch: pytest.Monke
     assert load_config(path).sources["shop"].headers == {"X-Region": "us-east"}
 
 
-def test_missing_env_var_names_file_and_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_env_var_names_file_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("PS_MISSING_TOKEN", raising=False)
     data = minimal()
     data["sources"]["shop"]["headers"] = {"Authorization": "Bearer ${PS_MISSING_TOKEN}"}

@@ -331,6 +331,18 @@ def test_page_size_is_capped(big: DemoAPI) -> None:
         assert len(c.get("/link/items", params={"per_page": 99_999}).json()) == 5000
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "/cursor/items?limit=abc",
+        "/cursor/items?limit=0",
+        "/cursor/items?cursor=%%%",
+        "/db/items.json?_next=not-a-token",
+        "/offset/items?offset=-1",
+        "/page/items?page=0",
+        "/cursor/items?updated_at__gte=yesterday",
+    ],
+)
 def test_bad_params_are_400(query: str, client: httpx.Client) -> None:
     r = client.get(query)
     assert r.status_code == 400

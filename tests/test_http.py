@@ -43,6 +43,22 @@ def opened(spec: cfg.Source, **kw: Any) -> Iterator[SourceClient]:
         c.close()
 
 
+@pytest.fixture(scope="module")
+def server() -> Iterator[DemoAPI]:
+    with DemoAPI(items=200) as running:
+        yield running
+
+
+@pytest.fixture
+def api(server: DemoAPI) -> Iterator[DemoAPI]:
+    """One real demo API for the module, with no faults and an empty log for each test."""
+    server.clear_faults()
+    server.clear_requests()
+    yield server
+    server.clear_faults()
+    server.clear_requests()
+
+
 @pytest.fixture
 def delays() -> list[float]:
     return []
@@ -213,9 +229,9 @@ def closed_port() -> int:
 
 def test_connection_refused_after_all_attempts(delays: list[float]) -> None:
     port = closed_port()
-    with opened(source(f"http://127.0.0.1:{port}"), sleep=delays.append) as c:
-        with pytest.raises(HTTPError) as info:
-            c.get(PageRequest("/items", {"token": "abc", "page": 2}))
+    spec = source(f"http://127.0.0.1:{port}")
+    with opened(spec, sleep=delays.append) as c, pytest.raises(HTTPError) as info:
+        c.get(PageRequest("/items", {"token": "abc", "page": 2}))
     err = info.value
     assert err.transient is True
     assert "ConnectError" in str(err)

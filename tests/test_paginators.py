@@ -38,7 +38,10 @@ def response(
 ) -> httpx.Response:
     """A response with its request attached, so response.url works."""
     return httpx.Response(
-        200, json=body if body is not None else {}, headers=headers, request=httpx.Request("GET", url)
+        200,
+        json=body if body is not None else {},
+        headers=headers,
+        request=httpx.Request("GET", url),
     )
 
 
@@ -102,7 +105,9 @@ def test_next_url_relative_resolves_against_the_response_url(next_url: str, expe
 @pytest.mark.parametrize("body", [{}, {"next_url": None}, {"next_url": ""}, {"other": 1}])
 def test_next_url_missing_or_null_ends(body: dict[str, Any]) -> None:
     p = paginator(type="next_url", path="next_url")
-    assert p.next("http://api.test/v1/items?after=x", response(body=body), body, [{"id": 1}]) is None
+    assert (
+        p.next("http://api.test/v1/items?after=x", response(body=body), body, [{"id": 1}]) is None
+    )
 
 
 # -- cursor -------------------------------------------------------------------------------------
@@ -160,7 +165,9 @@ def test_link_header_rel_next() -> None:
 
 def test_link_header_relative_target() -> None:
     p = paginator(type="link_header")
-    resp = response("http://api.test/v1/items?page=1", [], {"Link": '</v1/items?page=2>; rel="next"'})
+    resp = response(
+        "http://api.test/v1/items?page=1", [], {"Link": '</v1/items?page=2>; rel="next"'}
+    )
     assert p.next(None, resp, [], [{"id": 1}]) == "http://api.test/v1/items?page=2"
 
 
@@ -170,9 +177,7 @@ def test_link_header_custom_rel() -> None:
     assert p.next(None, response(headers={"Link": link}, body=[]), [], []) == "http://api.test/b"
 
 
-@pytest.mark.parametrize(
-    "headers", [{}, {"Link": '<http://api.test/v1/items?page=1>; rel="prev"'}]
-)
+@pytest.mark.parametrize("headers", [{}, {"Link": '<http://api.test/v1/items?page=1>; rel="prev"'}])
 def test_link_header_without_next_ends(headers: dict[str, str]) -> None:
     p = paginator(type="link_header")
     assert p.next(None, response(headers=headers, body=[]), [], [{"id": 1}]) is None

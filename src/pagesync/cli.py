@@ -204,6 +204,49 @@ def state_show(
             err.print(f"[red]{escape(v.stream)} · {escape(v.partition)}:[/red] {escape(v.error)}")
 
 
+@state_app.command("import")
+def state_import(
+    stream: Annotated[str, typer.Argument(help="The stream.")],
+    file: Annotated[Path, typer.Argument(help="JSON state file; - for standard input.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Start a stream from another tool's state (Airbyte STREAM/GLOBAL, legacy object, [])."""
+    from .interop import import_state
+    from .store import Store
+
+    cfg = _config(config)
+    _stream(cfg, stream)
+    try:
+        text = sys.stdin.read() if str(file) == "-" else file.read_text()
+        data = json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise fail(f"{file}: cannot read JSON state: {e}") from None
+    try:
+        value = import_state(Store(cfg.state), cfg, stream, data)
+    except PagesyncError as e:
+        raise fail(f"{file}: {e}") from None
+    if value is None:
+        out.print(f"{stream}: empty state imported; the next run starts from scratch.")
+    else:
+        out.print(f"{stream}: the next run starts from cursor {value!r}.")
+
+
+@state_app.command("export")
+def state_export(
+    stream: Annotated[str, typer.Argument(help="The stream.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Write the stream's state as an Airbyte per-stream state array (JSON)."""
+    from .interop import export_state
+    from .store import Store
+
+    cfg = _config(config)
+    _stream(cfg, stream)
+    store = Store(cfg.state)
+    store.migrate()
+    _print_json(export_state(store, cfg, stream))
+
+
 @app.command()
 def history(
     stream: Annotated[str, typer.Argument(help="The stream.")],

@@ -258,10 +258,29 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(explicit or os.environ.get("PAGESYNC_CONFIG") or DEFAULT_CONFIG)
 
 
-def _format_errors(err: ValidationError) -> str:
+def _user_path(loc: tuple[Any, ...], data: Any) -> str:
+    """The error's key path as the user wrote it: pydantic adds the tag of a tagged union
+    (`paginator.offset.limit`), a key that is not in the file."""
+    parts: list[str] = []
+    for step in loc:
+        if str(step).startswith("function-"):
+            continue
+        if isinstance(data, dict) and step not in data and data.get("type") == step:
+            continue
+        parts.append(str(step))
+        if isinstance(data, dict):
+            data = data.get(step)
+        elif isinstance(data, list) and isinstance(step, int) and step < len(data):
+            data = data[step]
+        else:
+            data = None
+    return ".".join(parts)
+
+
+def _format_errors(err: ValidationError, data: Any) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        loc = _user_path(e["loc"], data)
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
@@ -273,13 +292,14 @@ def parse_config(data: Any, *, file: str = "<config>", folder: Path | None = Non
         raise ConfigError("the file must be a YAML mapping with sources and streams", file=file)
     data = expand_env(data, file=file)
     folder = folder or Path.cwd()
+    data.setdefault("state", Config.model_fields["state"].default)
     for key in ("state", "destination"):
         if isinstance(data.get(key), str):
             data[key] = resolve_sqlite(data[key], folder)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e), file=file) from None
+        raise ConfigError(_format_errors(e, data), file=file) from None
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

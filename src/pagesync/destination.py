@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, event, inspect
 from sqlalchemy.engine import Connection
 
 from .errors import ExtractError
@@ -68,7 +68,8 @@ class Destination:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
-        self.quote = engine.dialect.identifier_preparer.quote
+        # Always quoted: SQLAlchemy's own rule leaves some SQLite keywords (`nothing`) bare.
+        self.quote = engine.dialect.identifier_preparer.quote_identifier
         self.paramstyle = "?" if engine.dialect.paramstyle == "qmark" else "%s"
         self.tables: dict[str, Table] = {}
 
@@ -88,6 +89,8 @@ class Destination:
         """Create the table, or add columns for fields seen for the first time."""
         seen = set().union(*records) if records else set()
         missing = [f for f in sorted(seen) if f not in table.columns]
+        if self.dialect == "postgresql" and table.columns:
+            self._widen_numbers(conn, table, records)
         if table.columns and not missing:
             return
         q = self.quote
@@ -97,6 +100,7 @@ class Destination:
                     f"primary key field {key!r} is missing from the records", transient=False
                 )
         types = column_types(records, missing, self.dialect)
+        self._forget_on_rollback(conn, table.name)
         if not table.columns:
             pk_first = table.primary_key + [m for m in missing if m not in table.primary_key]
             defs = [f"{q(c)} {types.get(c, 'TEXT')}" for c in pk_first]
@@ -118,6 +122,19 @@ class Destination:
             data.update(types)
             table.columns = {**data, **{m: "TEXT" for m in META_COLUMNS}}
         self._prepare(table)
+
+    def _widen_numbers(self, conn: Connection, table: Table, records: list[dict[str, Any]]) -> None:
+        """PostgreSQL would round 10.5 into a BIGINT column: make it a float column first.
+        (SQLite keeps any value in any column.)"""
+        ints = [c for c, t in table.columns.items() if t.upper() in ("BIGINT", "INTEGER")]
+        for name in ints:
+            if any(type(r.get(name)) is float for r in records):
+                self._forget_on_rollback(conn, table.name)
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {self.quote(table.name)} ALTER COLUMN {self.quote(name)} "
+                    "TYPE DOUBLE PRECISION"
+                )
+                table.columns[name] = "DOUBLE PRECISION"
 
     def _prepare(self, table: Table) -> None:
         q = self.quote
@@ -173,6 +190,10 @@ class Destination:
                     row[i] = dumps(v).decode()
             rows.append((*row, *meta))
         return rows
+
+    def _forget_on_rollback(self, conn: Connection, name: str) -> None:
+        """DDL runs in the caller's transaction: if that rolls back, so does our knowledge."""
+        event.listen(conn, "rollback", lambda _conn: self.tables.pop(name, None), once=True)
 
     def column_values(self, stream: str, column: str) -> list[Any]:
         """Distinct values of one column (a parent stream's keys), in primary-key order."""

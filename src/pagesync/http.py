@@ -33,6 +33,8 @@ def redact_url(url: str | httpx.URL) -> str:
     """The URL without userinfo and without the values of secret-looking query params."""
     parts = urlsplit(str(url))
     netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
     if parts.port:
         netloc += f":{parts.port}"
     query = urlencode(

@@ -151,6 +151,21 @@ def _v0_to_v1(conn: Connection) -> None:
 MIGRATIONS: list[Migration] = [_v0_to_v1]
 
 
+def patch_all_states(
+    conn: Connection, make_patch: Callable[[dict[str, Any]], dict[str, Any]]
+) -> int:
+    """For migrations: apply a merge patch (computed per row) to every partition's state."""
+    rows = conn.execute(select(P.c.stream, P.c.scope, P.c.partition, P.c.state)).all()
+    for stream, scope, partition, state in rows:
+        doc = loads(state) or {}
+        conn.execute(
+            update(P)
+            .where(P.c.stream == stream, P.c.scope == scope, P.c.partition == partition)
+            .values(state=dumps(mergepatch.apply(doc, make_patch(doc))), version=P.c.version + 1)
+        )
+    return len(rows)
+
+
 def owner_id(flow_run_id: str | None = None) -> str:
     """host:pid:flow-run: enough to tell a dead local runner or a retried flow run."""
     return f"{socket.gethostname()}:{os.getpid()}:{flow_run_id or '-'}"
@@ -351,10 +366,9 @@ class Store:
         error: str | None = None,
         release: bool = False,
     ) -> None:
-        """Commit a checkpoint inside the caller's transaction: page log rows, then a CAS.
-
-        Raises LeaseLost (the caller rolls back, records included) when the version moved.
-        """
+        """Commit a checkpoint inside the caller's transaction (from `writing()`): page log
+        rows, then a CAS. Raises LeaseLost (the caller rolls back, records included) when
+        the version moved."""
         if lease.log:
             conn.execute(insert(L), lease.log)
         new_state = mergepatch.apply(lease.state, patch)
@@ -385,12 +399,15 @@ class Store:
                 f"partition {lease.partition} of stream {lease.stream} was taken over by another "
                 "run; this run's uncommitted pages were rolled back"
             )
-        # Only now does our copy move: a refused commit leaves it as it was.
-        lease.version += 1
-        lease.state, lease.pages, lease.records = new_state, pages, records
-        if status is not None:
-            lease.status = status
-        lease.log = []
+
+        def moved() -> None:  # our copy moves only when the transaction has committed
+            lease.version += 1
+            lease.state, lease.pages, lease.records = new_state, pages, records
+            if status is not None:
+                lease.status = status
+            lease.log = []
+
+        conn.info["pagesync_after_commit"].append(moved)
 
     def commit(self, lease: Lease, **kw: Any) -> None:
         """write() in a transaction of its own."""
@@ -418,9 +435,20 @@ class Store:
 
     @contextmanager
     def writing(self) -> Iterator[Connection]:
-        """A write transaction, queued behind this process's other writers on SQLite."""
-        with write_lock(self.engine), self.engine.begin() as conn:
-            yield conn
+        """A write transaction, queued behind this process's other writers on SQLite.
+
+        What write() changes in our in-memory Lease is applied only once the transaction
+        has committed: a rolled-back commit leaves the Lease matching the database.
+        """
+        with write_lock(self.engine):
+            with self.engine.begin() as conn:
+                conn.info["pagesync_after_commit"] = after = []
+                try:
+                    yield conn
+                finally:
+                    conn.info.pop("pagesync_after_commit", None)
+            for apply in after:
+                apply()
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:

@@ -1,0 +1,333 @@
+"""Destination tables on SQLite and a real PostgreSQL: typed columns, upserts by primary key,
+columns added as fields appear, nested values as JSON, and hostile field names kept as data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from sqlalchemy import Engine, inspect
+
+from pagesync.destination import META_COLUMNS, Destination
+from pagesync.errors import ExtractError
+from pagesync.store import _ENGINES, engine_for
+
+HOSTILE = 'x"; DROP TABLE items; --'
+SPACES = 'it\'s a "quoted" name'
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'dest.db'}"
+        yield engine_for(url)
+        _ENGINES.pop(url).dispose()
+    else:
+        yield engine_for(request.getfixturevalue("pg_url"))
+
+
+def write(
+    dest: Destination,
+    records: list[dict[str, Any]],
+    *,
+    page: int = 1,
+    stream: str = "items",
+    pk: list[str] | None = None,
+    partition: str = "p",
+) -> int:
+    with dest.engine.begin() as conn:
+        return dest.write(conn, stream, pk or ["id"], records, partition=partition, page=page)
+
+
+def rows(engine: Engine, table: str = "items", order: str = "id") -> list[dict[str, Any]]:
+    q = engine.dialect.identifier_preparer.quote
+    with engine.connect() as conn:
+        result = conn.exec_driver_sql(f"SELECT * FROM {q(table)} ORDER BY {q(order)}")
+        return [dict(r) for r in result.mappings()]
+
+
+def columns(engine: Engine, table: str = "items") -> dict[str, str]:
+    return {c["name"]: str(c["type"]).upper() for c in inspect(engine).get_columns(table)}
+
+
+def as_json(value: Any) -> Any:
+    """JSON columns come back as text (SQLite) or already parsed (PostgreSQL JSONB)."""
+    return orjson.loads(value) if isinstance(value, str) else value
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+def test_first_page_creates_typed_table_with_metadata(engine: Engine) -> None:
+    dest = Destination(engine)
+    record = {
+        "id": 7,
+        "name": "red falcon",
+        "price": 12.5,
+        "active": True,
+        "attrs": {"color": "red"},
+        "tags": ["a", "b"],
+        "empty": None,
+    }
+    assert not inspect(engine).has_table("items")
+    assert write(dest, [record], partition="2024-01-03", page=4) == 1
+
+    cols = columns(engine)
+    pg = engine.dialect.name == "postgresql"
+    expected = {
+        "id": "BIGINT" if pg else "INTEGER",
+        "name": "TEXT",
+        "price": "DOUBLE PRECISION" if pg else "REAL",
+        "active": "BOOLEAN",
+        "attrs": "JSONB" if pg else "JSON",
+        "tags": "JSONB" if pg else "JSON",
+        "empty": "TEXT",
+        "_pagesync_partition": "TEXT",
+        "_pagesync_page": "INTEGER",
+        "_pagesync_synced_at": "TEXT",
+    }
+    assert cols == expected
+    assert list(cols)[0] == "id"  # the primary key first
+    assert list(cols)[-3:] == list(META_COLUMNS)
+    assert inspect(engine).get_pk_constraint("items")["constrained_columns"] == ["id"]
+
+    (row,) = rows(engine)
+    assert row["id"] == 7
+    assert row["name"] == "red falcon"
+    assert row["price"] == 12.5
+    assert bool(row["active"]) is True
+    assert row["empty"] is None
+    assert row["_pagesync_partition"] == "2024-01-03"
+    assert row["_pagesync_page"] == 4
+    assert datetime.fromisoformat(row["_pagesync_synced_at"]).tzinfo is not None
+
+
+def test_a_float_anywhere_on_the_page_makes_a_float_column(engine: Engine) -> None:
+    dest = Destination(engine)
+    write(dest, [{"id": 1, "price": 10, "flag": None}, {"id": 2, "price": 10.5, "flag": False}])
+    cols = columns(engine)
+    assert cols["price"] in ("REAL", "DOUBLE PRECISION")
+    assert cols["flag"] == "BOOLEAN"
+    assert [r["price"] for r in rows(engine)] == [10, 10.5]
+
+
+def test_empty_page_writes_nothing_and_creates_nothing(engine: Engine) -> None:
+    dest = Destination(engine)
+    assert write(dest, []) == 0
+    assert not inspect(engine).has_table("items")
+    assert dest.count("items") == 0
+    assert dest.column_values("items", "id") == []
+
+
+# -- upserts -------------------------------------------------------------------------------------
+
+
+def test_upsert_by_primary_key_replaces(engine: Engine) -> None:
+    dest = Destination(engine)
+    write(dest, [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}], page=1)
+    write(dest, [{"id": 2, "name": "TWO"}, {"id": 3, "name": "three"}], page=2)
+    write(dest, [{"id": 2, "name": "TWO"}, {"id": 3, "name": "three"}], page=2)  # a replay
+    got = [(r["id"], r["name"], r["_pagesync_page"]) for r in rows(engine)]
+    assert got == [(1, "one", 1), (2, "TWO", 2), (3, "three", 2)]
+    assert dest.count("items") == 3
+
+
+def test_upsert_with_composite_primary_key(engine: Engine) -> None:
+    dest = Destination(engine)
+    pk = ["category", "id"]
+    write(
+        dest,
+        [{"category": "books", "id": 1, "n": 1}, {"category": "games", "id": 1, "n": 2}],
+        pk=pk,
+    )
+    write(
+        dest,
+        [{"category": "games", "id": 1, "n": 20}, {"category": "games", "id": 2, "n": 3}],
+        pk=pk,
+        page=2,
+    )
+    assert inspect(engine).get_pk_constraint("items")["constrained_columns"] == pk
+    got = sorted((r["category"], r["id"], r["n"]) for r in rows(engine))
+    assert got == [("books", 1, 1), ("games", 1, 20), ("games", 2, 3)]
+
+
+def test_primary_key_only_records(engine: Engine) -> None:
+    dest = Destination(engine)
+    write(dest, [{"id": 1}, {"id": 2}])
+    write(dest, [{"id": 2}], page=2)
+    assert [(r["id"], r["_pagesync_page"]) for r in rows(engine)] == [(1, 1), (2, 2)]
+
+
+# -- schema evolution -------------------------------------------------------------------------
+
+
+def test_new_field_on_later_page_adds_a_column(engine: Engine) -> None:
+    dest = Destination(engine)
+    write(dest, [{"id": 1, "name": "one"}])
+    write(dest, [{"id": 2, "name": "two", "score": 3.5, "meta": {"k": [1]}}], page=2)
+    cols = columns(engine)
+    assert {"score", "meta"} <= set(cols)
+    assert cols["score"] in ("REAL", "DOUBLE PRECISION")
+    got = rows(engine)
+    assert got[0]["score"] is None
+    assert got[1]["score"] == 3.5
+    assert as_json(got[1]["meta"]) == {"k": [1]}
+
+
+def test_new_field_seen_by_a_fresh_destination(engine: Engine) -> None:
+    """A new run knows nothing of the table yet: it reads it, then widens it."""
+    write(Destination(engine), [{"id": 1, "name": "one"}])
+    fresh = Destination(engine)
+    write(fresh, [{"id": 1, "name": "uno", "lang": "it"}, {"id": 2, "name": "two"}], page=2)
+    assert "lang" in columns(engine)
+    got = [(r["id"], r["name"], r["lang"]) for r in rows(engine)]
+    assert got == [(1, "uno", "it"), (2, "two", None)]
+    assert fresh.count("items") == 2
+
+
+def test_integer_column_keeps_later_fractional_values(engine: Engine) -> None:
+    """A field that held whole numbers on page 1 must not round page 2's 10.5 away."""
+    dest = Destination(engine)
+    write(dest, [{"id": 1, "price": 10}])
+    write(dest, [{"id": 2, "price": 10.5}, {"id": 3, "price": 0.25}], page=2)
+    assert [r["price"] for r in rows(engine)] == [10, 10.5, 0.25]
+
+
+def test_rolled_back_first_page_leaves_the_destination_usable(engine: Engine) -> None:
+    """The page's transaction can roll back (a lost lease, a failed checkpoint) after the
+    table was created in it: the next page must still be written."""
+    dest = Destination(engine)
+    with pytest.raises(RuntimeError), dest.engine.begin() as conn:
+        dest.write(conn, "items", ["id"], [{"id": 1, "name": "one"}], partition="p", page=1)
+        raise RuntimeError("checkpoint refused")
+    assert not inspect(engine).has_table("items")  # the DDL rolled back with the page
+    write(dest, [{"id": 1, "name": "one"}])
+    assert [(r["id"], r["name"]) for r in rows(engine)] == [(1, "one")]
+
+
+def test_rolled_back_widening_leaves_the_destination_usable(engine: Engine) -> None:
+    """Likewise for a column added in a transaction that rolled back."""
+    dest = Destination(engine)
+    write(dest, [{"id": 1, "name": "one"}])
+    with pytest.raises(RuntimeError), dest.engine.begin() as conn:
+        dest.write(conn, "items", ["id"], [{"id": 2, "extra": 1}], partition="p", page=2)
+        raise RuntimeError("checkpoint refused")
+    assert "extra" not in columns(engine)
+    write(dest, [{"id": 2, "extra": 1}], page=2)
+    assert [(r["id"], r["extra"]) for r in rows(engine)] == [(1, None), (2, 1)]
+
+
+# -- values ----------------------------------------------------------------------------------------
+
+
+def test_nested_values_stored_as_json_and_round_trip(engine: Engine) -> None:
+    dest = Destination(engine)
+    attrs = {"color": "grün", "dims": {"w": 1.5, "h": [1, 2, {"deep": None}]}, "ok": True}
+    tags = ["new", "sale", {"weird": "\"quote'"}]
+    write(dest, [{"id": 1, "attrs": attrs, "tags": tags}, {"id": 2, "attrs": {}, "tags": []}])
+    got = rows(engine)
+    assert as_json(got[0]["attrs"]) == attrs
+    assert as_json(got[0]["tags"]) == tags
+    assert as_json(got[1]["attrs"]) == {}
+    assert as_json(got[1]["tags"]) == []
+    if engine.dialect.name == "sqlite":
+        assert isinstance(got[0]["attrs"], str)  # JSON text
+
+
+def test_hostile_field_names_are_ordinary_columns(engine: Engine) -> None:
+    dest = Destination(engine)
+    record = {"id": 1, HOSTILE: "boom", SPACES: 2, "select": "kw", "Name": "upper"}
+    write(dest, [record])
+    write(dest, [{"id": 2, HOSTILE: "again", "from": "new kw"}], page=2)
+    cols = columns(engine)
+    assert {HOSTILE, SPACES, "select", "from", "Name"} <= set(cols)
+    assert inspect(engine).has_table("items")
+    got = rows(engine)
+    assert len(got) == 2
+    assert got[0][HOSTILE] == "boom"
+    assert got[0][SPACES] == 2
+    assert (got[0]["select"], got[0]["Name"]) == ("kw", "upper")
+    assert got[1][HOSTILE] == "again"
+    assert got[1]["from"] == "new kw"
+
+
+KEYWORDS = ["nothing", "returning", "do", "filter", "window", "order", "group", "user", "limit"]
+
+
+def test_sql_keywords_as_field_names(engine: Engine) -> None:
+    """APIs send fields called `order`, `user` or `nothing`; each is just a column."""
+    dest = Destination(engine)
+    write(dest, [{"id": 1, **{k: f"v-{k}" for k in KEYWORDS}}])
+    write(dest, [{"id": 1, **{k: f"w-{k}" for k in KEYWORDS}}], page=2)
+    (row,) = rows(engine)
+    assert {k: row[k] for k in KEYWORDS} == {k: f"w-{k}" for k in KEYWORDS}
+
+
+def test_hostile_stream_name_is_an_ordinary_table(engine: Engine) -> None:
+    dest = Destination(engine)
+    name = 'orders"; DROP TABLE items; --'
+    write(dest, [{"id": 1}], stream="items")
+    write(dest, [{"id": 1}, {"id": 2}], stream=name)
+    assert dest.count(name) == 2
+    assert dest.count("items") == 1
+    assert dest.column_values(name, "id") == [1, 2]
+
+
+def test_hostile_primary_key_name(engine: Engine) -> None:
+    dest = Destination(engine)
+    write(dest, [{HOSTILE: 1, "v": "a"}], pk=[HOSTILE])
+    write(dest, [{HOSTILE: 1, "v": "b"}], pk=[HOSTILE], page=2)
+    assert [(r[HOSTILE], r["v"]) for r in rows(engine, order=HOSTILE)] == [(1, "b")]
+
+
+# -- primary key missing ----------------------------------------------------------------------
+
+
+def test_first_page_without_primary_key_is_an_error(engine: Engine) -> None:
+    dest = Destination(engine)
+    with pytest.raises(ExtractError, match="'id'") as info:
+        write(dest, [{"name": "no id"}])
+    assert info.value.transient is False
+    assert not inspect(engine).has_table("items")
+
+
+@pytest.mark.parametrize("bad", [{"name": "no id"}, {"id": None, "name": "null id"}])
+def test_later_record_without_primary_key_is_an_error(engine: Engine, bad: dict[str, Any]) -> None:
+    dest = Destination(engine)
+    write(dest, [{"id": 1, "name": "one"}])
+    with pytest.raises(ExtractError, match="'id'") as info:
+        write(dest, [{"id": 2, "name": "two"}, bad], page=2)
+    assert info.value.transient is False
+    assert [r["id"] for r in rows(engine)] == [1]  # nothing of the bad page was written
+
+
+def test_rejected_first_page_leaves_the_table_usable_for_other_partitions(engine: Engine) -> None:
+    """Partition a's first page has a record without its key: that page fails, and
+    partition b (same stream, same run, same Destination) must still be written."""
+    dest = Destination(engine)
+    with pytest.raises(ExtractError):
+        write(dest, [{"id": 1, "name": "one"}, {"name": "no id"}], partition="a")
+    write(dest, [{"id": 2, "name": "two"}], partition="b")
+    assert [(r["id"], r["_pagesync_partition"]) for r in rows(engine)] == [(2, "b")]
+
+
+def test_composite_key_part_missing_is_an_error(engine: Engine) -> None:
+    dest = Destination(engine)
+    with pytest.raises(ExtractError, match="'category'"):
+        write(dest, [{"category": "books", "id": 1}, {"id": 2}], pk=["category", "id"])
+
+
+# -- reading back ----------------------------------------------------------------------------------
+
+
+def test_column_values_and_count(engine: Engine) -> None:
+    dest = Destination(engine)
+    write(dest, [{"id": i, "customer_id": i % 3} for i in range(1, 8)])
+    assert dest.count("items") == 7
+    assert dest.column_values("items", "customer_id") == [0, 1, 2]
+    assert dest.count("absent") == 0
+    assert dest.column_values("absent", "id") == []
