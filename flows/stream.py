@@ -14,6 +14,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pagesync.config import Config, load_config
 from pagesync.engine import Observer, PartitionOutcome, StreamRun
 from pagesync.tasks import tagged
+from pagesync.tasks.progress import ProgressArtifacts, artifact_key
 
 #: Observers told of progress by runs in this process (the CLI's live display).
 OBSERVERS: list[Observer] = []
@@ -69,7 +70,7 @@ def sync_stream(
     scope = backfill_scope(stream, start, end, backfill_id) if backfill else ""
     run = StreamRun(
         cfg, stream, flow_run_id=flow_run_id, full_refresh=full_refresh, scope=scope,
-        observers=list(OBSERVERS),
+        observers=[*OBSERVERS, ProgressArtifacts(stream, scope)],
     )  # fmt: skip
     try:
         specs = run.prepare(start=start, end=end) if backfill else run.prepare()
@@ -118,7 +119,7 @@ def _summary_artifact(stream: str, scope: str, outcomes: list[PartitionOutcome])
         }
         for o in outcomes
     ]
-    key = "".join(c if c.isalnum() else "-" for c in f"pagesync-{stream}".lower())
+    key = artifact_key("pagesync", stream, "partitions")
     title = f"{stream}" + (f" ({scope})" if scope else "")
     create_table_artifact(table, key=key, description=f"Partitions of {title}")
 

@@ -20,15 +20,24 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import State
 
-from pagesync.engine import PageResult, PartitionOutcome, PartitionRun, StreamRun, run_partition
+from pagesync.engine import (
+    STOP,
+    PageResult,
+    PartitionOutcome,
+    PartitionRun,
+    StreamRun,
+    run_partition,
+)
 from pagesync.errors import LeaseLost
 from pagesync.partitions import PartitionSpec
+
+from .progress import ProgressArtifacts
 
 
 def _worth_retrying(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry network and server trouble; not config errors, loops or a lost lease."""
     exc = state.result(raise_on_failure=False)
-    if isinstance(exc, LeaseLost):
+    if isinstance(exc, LeaseLost) or STOP.is_set():
         return False
     return bool(getattr(exc, "transient", True))
 
@@ -58,9 +67,12 @@ def partition_task(
     run: StreamRun, spec: PartitionSpec, stream: str, partition: str
 ) -> PartitionOutcome:
     """Walk one partition from its resume point to its end, a page task per page."""
-    retry = run.source.retry
-    pager = page_task.with_options(retries=retry.task_retries)
-    return run_partition(run.partition(spec), lambda p, n: pager(p, stream, partition, n))
+    pager = page_task.with_options(retries=run.source.retry.task_retries)
+    part = run.partition(spec)
+    for obs in run.observers:
+        if isinstance(obs, ProgressArtifacts):
+            obs.start(spec)
+    return run_partition(part, lambda p, n: pager(p, stream, partition, n))
 
 
 def tagged(stream: str, partition: str) -> Task[..., PartitionOutcome]:

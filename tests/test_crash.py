@@ -85,3 +85,28 @@ def test_sigkill_at_page_cycle_points_then_resume(tmp_path: Path, api: DemoAPI, 
     assert result.returncode == 0, result.stdout + result.stderr
     assert_exactly_once(state, "items", [i["id"] for i in api.items])
     assert_counters_match_log(state, "items")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_stop_cleanly_and_keep_committed_pages(
+    tmp_path: Path, api: DemoAPI, sig: signal.Signals
+) -> None:
+    state = f"sqlite:///{tmp_path / 'p.db'}"
+    path = write_config(tmp_path, api.url, {"items": stream_spec(1)}, state=state)
+    api.add_fault(kind="slow", delay=0.2, times=-1, path="/db/items.json")
+    proc = start_run(path, "items")
+    wait_for(lambda: committed_pages(state, "items") >= 3, what="3 committed pages")
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=15)  # "within a few seconds"
+    assert proc.returncode == 128 + sig, out
+    assert "stopping after the page in progress" in out and "Traceback" not in out
+    from helpers import partition_rows
+
+    [part] = partition_rows(state, "items")
+    assert part["status"] == "incomplete" and part["lease_owner"] is None
+    assert part["pages"] >= 3
+    api.clear_faults()
+    result = run_cli("run", "items", "-c", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_exactly_once(state, "items", [i["id"] for i in api.items])
+    assert_counters_match_log(state, "items")

@@ -114,6 +114,11 @@ def _run(cfg: Config, stream: str, *, verbose: bool = False, **params: Any) -> i
     if report.ok:
         out.print(f"[green]✓[/green] {escape(line)}")
         return 0
+    if report.signal is not None:
+        out.print(
+            f"[yellow]■[/yellow] {escape(line)}; stopped, committed pages kept: run again to resume"
+        )
+        return 128 + report.signal
     out.print(f"[red]✗[/red] {escape(line)}; committed progress is kept, run again to resume")
     for exc in report.errors:
         err.print(f"[red]error:[/red] {escape(str(exc) or type(exc).__name__)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +25,7 @@ from sqlalchemy.engine import Connection
 from . import config as cfg
 from . import crashpoints, mergepatch
 from .destination import Destination
-from .errors import LeaseLost, PageError, PaginationLoop
+from .errors import LeaseLost, PageError, PaginationLoop, Stopped
 from .extract import dig, parse_body, records_at
 from .http import RateLimiter, SourceClient, redact_url
 from .paginators import PageRequest, Token, make_paginator
@@ -42,6 +43,22 @@ from .store import (
 )
 
 log = logging.getLogger("pagesync")
+
+#: Set by a signal handler (SIGTERM, Ctrl-C): every partition stops at its next page.
+STOP = threading.Event()
+_RUNS: set[StreamRun] = set()
+
+
+def request_stop(reason: str) -> None:
+    """Stop every run in this process at the next page boundary; committed pages stay."""
+    STOP.reason = reason  # type: ignore[attr-defined]
+    STOP.set()
+
+
+def abort_requests() -> None:
+    """Close the HTTP clients, so requests still in flight fail now instead of at timeout."""
+    for run in list(_RUNS):
+        run.client.close()
 
 
 @dataclass
@@ -76,7 +93,7 @@ class PartitionOutcome:
 class Observer(Protocol):
     """Told of progress; the CLI's live display and Prefect's artifacts are observers."""
 
-    def page_committed(self, stream: str, partition: str, pages: int, records: int) -> None: ...
+    def page_committed(self, stream: str, progress: PartitionOutcome) -> None: ...
 
     def partition_done(self, stream: str, outcome: PartitionOutcome) -> None: ...
 
@@ -113,6 +130,7 @@ class StreamRun:
         self.fetcher = ThreadPoolExecutor(
             max_workers=self.source.concurrency, thread_name_prefix=f"pagesync-{stream}"
         )
+        _RUNS.add(self)
 
     def prepare(
         self, specs: list[PartitionSpec] | None = None, **plan_kw: Any
@@ -134,6 +152,7 @@ class StreamRun:
         return PartitionRun(self, spec)
 
     def close(self) -> None:
+        _RUNS.discard(self)
         self.fetcher.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
@@ -245,6 +264,10 @@ class PartitionRun:
         retried step redoes them too.
         """
         while self.next_page <= page:
+            if STOP.is_set():
+                raise Stopped(
+                    f"stopped ({getattr(STOP, 'reason', 'stop requested')}) before page {self.next_page}; committed pages are kept"
+                )
             try:
                 self.last = self._one_page(task_run_id)
             except BaseException as exc:
@@ -394,7 +417,8 @@ class PartitionRun:
         crashpoints.reached("after_commit")
         self._pending = []
         self._since_commit = (0, 0, time.monotonic())
-        self._tell("page_committed", self.run.name, self.key, *self._new_counts())
+        if self.run.observers:
+            self._tell("page_committed", self.run.name, self._outcome(RUNNING))
 
     def _rollback(self) -> None:
         """Forget what was not committed: the database's copy and ours."""

@@ -91,5 +91,11 @@ class LeaseLost(PagesyncError):
     """Another runner took this partition over; our late commit was refused and rolled back."""
 
 
+class Stopped(PagesyncError):
+    """The run was asked to stop (SIGTERM, Ctrl-C); what was committed stays."""
+
+    transient = False
+
+
 class StateError(PagesyncError):
     """Stored state is unreadable, of an unknown version, or an import file is malformed."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,13 +30,15 @@ class RunReport:
     outcomes: list[PartitionOutcome] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
     flow_run_id: str | None = None
+    #: The signal that stopped the run (SIGTERM, SIGINT), if one did.
+    signal: int | None = None
 
 
 class _Collector:
     def __init__(self) -> None:
         self.outcomes: list[PartitionOutcome] = []
 
-    def page_committed(self, stream: str, partition: str, pages: int, records: int) -> None:
+    def page_committed(self, stream: str, progress: PartitionOutcome) -> None:
         pass
 
     def partition_done(self, stream: str, outcome: PartitionOutcome) -> None:
@@ -79,24 +83,78 @@ def run_stream(
     flows_stream.OBSERVERS.extend(extra)
     handler = _PeopleHandler(console)
     logging.getLogger("pagesync").addHandler(handler)
+    stopped: list[int] = []
+    previous = _install_stop_handlers(console, stopped)
     try:
         source = config.sources[config.stream(stream).source]
-        state = flows_stream.flow_for(stream, source.concurrency)(
-            stream=stream,
-            config=str(config.path) if config.path else None,
-            return_state=True,
-            **params,
+        flow = flows_stream.flow_for(stream, source.concurrency)
+        state = _in_thread(
+            lambda: flow(
+                stream=stream,
+                config=str(config.path) if config.path else None,
+                return_state=True,
+                **params,
+            )
         )
     finally:
         for obs in extra:
             flows_stream.OBSERVERS.remove(obs)
         logging.getLogger("pagesync").removeHandler(handler)
-    report = RunReport(stream, ok=state.is_completed(), outcomes=collector.outcomes)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+    report = RunReport(stream, ok=state.is_completed() and not stopped, outcomes=collector.outcomes)
+    report.signal = stopped[0] if stopped else None
     report.flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None
     if not report.ok:
         exc = state.result(raise_on_failure=False)
         report.errors = flatten(exc) if isinstance(exc, BaseException) else [RuntimeError(str(exc))]
     return report
+
+
+def _in_thread(fn: Any) -> Any:
+    """Run the flow off the main thread, so that the main thread keeps our SIGTERM and
+    SIGINT handlers (Prefect's engine swaps in its own when it runs on the main thread,
+    which crashes the flow run instead of stopping it at a page boundary)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="pagesync-flow", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # short joins: signal handlers run between them
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _install_stop_handlers(console: Console, stopped: list[int]) -> dict[int, Any]:
+    """SIGTERM and Ctrl-C stop every partition at its next page; committed pages stay.
+
+    Requests still in flight after a few seconds are aborted; a second signal exits at once.
+    """
+    from .engine import STOP, abort_requests, request_stop
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if STOP.is_set():
+            os._exit(128 + signum)
+        stopped.append(signum)
+        name = signal.Signals(signum).name
+        console.print(
+            f"[yellow]{name}: stopping after the page in progress (again to quit now)[/yellow]"
+        )
+        request_stop(name)
+        timer = threading.Timer(3.0, abort_requests)
+        timer.daemon = True
+        timer.start()
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
 class _PeopleHandler(logging.Handler):

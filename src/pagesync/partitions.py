@@ -27,6 +27,7 @@ class PartitionSpec:
     params: dict[str, Any] = field(default_factory=dict)
     #: For datetime windows: the window's end, so a window that grew (end = now) reopens.
     window_end: str | None = None
+    window_start: str | None = None
 
 
 def window_label(start: datetime, end: datetime) -> str:
@@ -71,7 +72,9 @@ def datetime_partitions(
             params[start_param] = a.strftime(spec.format)
         if spec.end_param:
             params[spec.end_param] = b.strftime(spec.format)
-        out.append(PartitionSpec(label, stream.path, params, window_end=iso(b)))
+        out.append(
+            PartitionSpec(label, stream.path, params, window_end=iso(b), window_start=iso(a))
+        )
     return out
 
 

@@ -44,10 +44,10 @@ class Progress:
             self.live.update(self._table())
             self.live.__exit__(None, None, None)
 
-    def page_committed(self, stream: str, partition: str, pages: int, records: int) -> None:
+    def page_committed(self, stream: str, progress: PartitionOutcome) -> None:
         with self.lock:
-            row = self.rows.setdefault(partition, _Row())
-            row.pages, row.records = pages, records
+            row = self.rows.setdefault(progress.partition, _Row())
+            row.pages, row.records = progress.new_pages, progress.new_records
         if self.live is not None:
             self.live.update(self._table())
 
