@@ -60,6 +60,7 @@ class Table:
         self.columns = columns  # name -> SQL type, in table order
         self.sql: str | None = None
         self.pk_idx: list[int] = []
+        self.json_idx: list[int] = []
 
 
 class Destination:
@@ -148,6 +149,9 @@ class Destination:
             f"INSERT INTO {q(table.name)} ({names}) VALUES ({marks}) ON CONFLICT ({pk}) {action}"
         )
         table.pk_idx = [cols.index(k) for k in table.primary_key]
+        table.json_idx = [
+            i for i, c in enumerate(cols) if table.columns[c].upper() in ("JSON", "JSONB")
+        ]
 
     def write(
         self,
@@ -172,23 +176,40 @@ class Destination:
             if any(row[idx] is None for row in rows):
                 key = list(table.columns)[idx]
                 raise ExtractError(f"a record has no primary key field {key!r}", transient=False)
-        conn.exec_driver_sql(table.sql, rows)  # type: ignore[arg-type]
+        # Straight to the driver, inside the caller's transaction: no per-row wrapping.
+        cursor = conn.connection.cursor()
+        try:
+            cursor.executemany(table.sql, rows)
+        finally:
+            cursor.close()
         return len(rows)
 
     @staticmethod
     def _rows(
         table: Table, records: list[dict[str, Any]], meta: tuple[Any, ...]
-    ) -> list[tuple[Any, ...]]:
-        """Records as tuples in column order; nested values as JSON text."""
+    ) -> list[list[Any]]:
+        """Records as rows in column order, nested values as JSON text.
+
+        The hot path of a page: JSON columns are known from the table, so only their values
+        are converted; a nested value turning up in another column (type drift) sends the
+        page down the slow path that checks every value.
+        """
         fields = list(table.columns)[: -len(META_COLUMNS)]
-        dumps, nested = orjson.dumps, (dict, list)
+        dumps, nested, json_idx = orjson.dumps, {dict, list}, table.json_idx
         rows = []
+        append = rows.append
         for record in records:
-            row = [record.get(c) for c in fields]
-            for i, v in enumerate(row):
-                if type(v) in nested:
+            row = [*map(record.get, fields), *meta]
+            for i in json_idx:
+                v = row[i]
+                if v is not None:
                     row[i] = dumps(v).decode()
-            rows.append((*row, *meta))
+            append(row)
+        for i in range(len(fields)):
+            if i not in json_idx and nested & set(map(type, [row[i] for row in rows])):
+                for row in rows:
+                    if type(row[i]) in nested:
+                        row[i] = dumps(row[i]).decode()
         return rows
 
     def _forget_on_rollback(self, conn: Connection, name: str) -> None:
