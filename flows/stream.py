@@ -16,6 +16,8 @@ from pagesync.engine import Observer, PartitionOutcome, StreamRun
 from pagesync.tasks import tagged
 from pagesync.tasks.progress import ProgressArtifacts, artifact_key
 
+from .secrets import resolve_secret_blocks
+
 #: Observers told of progress by runs in this process (the CLI's live display).
 OBSERVERS: list[Observer] = []
 
@@ -56,7 +58,7 @@ def sync_stream(
         backfill_id: Backfill: id under which its windows are checkpointed. Default: derived
             from stream and range, so running the same backfill again resumes it.
     """
-    cfg = load_config(config)
+    cfg = resolve_secret_blocks(load_config(config))
     ctx = FlowRunContext.get()
     flow_run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
     spec = cfg.stream(stream)

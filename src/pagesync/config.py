@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -40,6 +48,51 @@ class RateLimit(Model):
     per_second: float = Field(gt=0, description="Requests per second over all partitions.")
 
 
+class BlockRef(Model):
+    """A Prefect Secret block, e.g. `{block: secret/shop-token}`, read when a run starts."""
+
+    block: str = Field(pattern=r"^secret/[a-z0-9-]+$")
+
+
+Secret = SecretStr | BlockRef
+
+
+class BearerAuth(Model):
+    type: Literal["bearer"]
+    token: Secret
+
+
+class BasicAuth(Model):
+    type: Literal["basic"]
+    username: str
+    password: Secret
+
+
+class ApiKeyAuth(Model):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    type: Literal["api_key"]
+    name: str = "X-API-Key"
+    value: Secret
+    location: Literal["header", "query"] = Field("header", alias="in")
+
+
+class OAuth2ClientCredentials(Model):
+    """RFC 6749 4.4: a token from `token_url`, refreshed before it expires and on a 401."""
+
+    type: Literal["oauth2_client_credentials"]
+    token_url: str
+    client_id: str
+    client_secret: Secret
+    scope: str | None = None
+    refresh_before: float = Field(60, ge=0, description="Seconds before expiry to refresh.")
+
+
+Auth = Annotated[
+    BearerAuth | BasicAuth | ApiKeyAuth | OAuth2ClientCredentials, Field(discriminator="type")
+]
+
+
 class Source(Model):
     base_url: str
     headers: dict[str, str] = Field(default_factory=dict)
@@ -47,6 +100,7 @@ class Source(Model):
     retry: Retry = Field(default_factory=Retry)
     rate_limit: RateLimit | None = None
     concurrency: int = Field(4, ge=1, description="Partitions of this source in flight at once.")
+    auth: Auth | None = None
     follow_foreign_next: bool = Field(
         False,
         description="Follow next links to other hosts (without credentials) instead of failing.",

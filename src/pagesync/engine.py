@@ -27,7 +27,7 @@ from . import crashpoints, mergepatch
 from .destination import Destination
 from .errors import LeaseLost, PageError, PaginationLoop, Stopped
 from .extract import dig, parse_body, records_at
-from .http import RateLimiter, SourceClient, redact_url
+from .http import RateLimiter, SourceClient
 from .paginators import PageRequest, Token, make_paginator
 from .partitions import PartitionSpec, plan
 from .store import (
@@ -296,14 +296,14 @@ class PartitionRun:
         crashpoints.reached("after_fetch")
         body = parse_body(response.content, response.headers.get("content-type"))
         records = records_at(body, self.stream.records)
-        nxt = run.paginator.next(token, response, body, records)
+        nxt = run.client.scrub(run.paginator.next(token, response, body, records))
         page = self.next_page
         if nxt is not None:
             if nxt == token or nxt in pos.setdefault("_seen", set()):
                 raise PaginationLoop(
-                    f"the API sent page {page}'s next-page pointer again ({redact_url(str(nxt))}):"
-                    " a pagination loop; stopped",
-                    url=redact_url(response.url),
+                    f"the API sent page {page}'s next-page pointer again "
+                    f"({run.client.redact(str(nxt))}): a pagination loop; stopped",
+                    url=run.client.redact(response.url),
                 )
             pos["_seen"].add(nxt)
             self._prefetch(run.paginator.request(self._base, nxt))

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 
 from . import config as cfg
+from .auth import make_auth, secret_param
 from .errors import HTTPError
 from .paginators import PageRequest
 
@@ -29,8 +30,10 @@ SECRET_PARAMS = frozenset(
 )  # fmt: skip
 
 
-def redact_url(url: str | httpx.URL) -> str:
-    """The URL without userinfo and without the values of secret-looking query params."""
+def redact_url(url: str | httpx.URL, secret: str | None = None) -> str:
+    """The URL without userinfo and without the values of secret-looking query params
+    (and of `secret`, the source's own credential parameter)."""
+    hidden = SECRET_PARAMS if secret is None else SECRET_PARAMS | {secret.lower()}
     parts = urlsplit(str(url))
     netloc = parts.hostname or ""
     if ":" in netloc:
@@ -38,7 +41,7 @@ def redact_url(url: str | httpx.URL) -> str:
     if parts.port:
         netloc += f":{parts.port}"
     query = urlencode(
-        [(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, True)],
+        [(k, "***" if k.lower() in hidden else v) for k, v in parse_qsl(parts.query, True)],
         safe="*:/",
     )
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
@@ -100,6 +103,9 @@ class SourceClient:
         self.limiter = limiter
         self.sleep = sleep
         self.origin = origin(source.base_url)
+        self.secret_param = secret_param(source.auth)
+        if auth is None:
+            auth = make_auth(source.auth, source.timeout)
         limits = httpx.Limits(max_connections=source.concurrency * 2 + 2)
         self.client = httpx.Client(
             base_url=source.base_url,
@@ -119,12 +125,22 @@ class SourceClient:
         if self._foreign is not None:
             self._foreign.close()
 
+    def redact(self, url: str | httpx.URL) -> str:
+        return redact_url(url, self.secret_param)
+
+    def scrub(self, token: object) -> object:
+        """A next-page URL without our credential parameter: it is stored in the state
+        database, and the credential is added again to every request anyway."""
+        if self.secret_param and isinstance(token, str) and "://" in token:
+            return str(httpx.URL(token).copy_remove_param(self.secret_param))
+        return token
+
     def _client_for(self, url: str) -> httpx.Client:
         if "://" not in url or origin(url) == self.origin:
             return self.client
         if not self.source.follow_foreign_next:
             raise HTTPError(
-                f"next page is on another host ({redact_url(url)}); credentials are only sent "
+                f"next page is on another host ({self.redact(url)}); credentials are only sent "
                 f"to {self.source.base_url} (set follow_foreign_next: true on the source to "
                 "follow it without them)",
                 transient=False,
@@ -151,11 +167,13 @@ class SourceClient:
                 response = client.get(req.url, params=req.params or None)
             except httpx.TooManyRedirects:
                 raise HTTPError(
-                    "too many redirects (a redirect loop)", url=redact_url(req.url), transient=False
+                    "too many redirects (a redirect loop)",
+                    url=self.redact(req.url),
+                    transient=False,
                 ) from None
             except httpx.TransportError as e:
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                url = redact_url(e.request.url) if _has_request(e) else redact_url(req.url)
+                url = self.redact(e.request.url) if _has_request(e) else self.redact(req.url)
                 if attempt + 1 < attempts:
                     self.sleep(self._backoff(attempt))
                     continue
@@ -163,7 +181,7 @@ class SourceClient:
             status = response.status_code
             if status < 300:
                 return response
-            url = redact_url(response.url)
+            url = self.redact(response.url)
             last = f"HTTP {status}"
             if status in RETRY_STATUSES and attempt + 1 < attempts:
                 wait = retry_after(response)
@@ -174,7 +192,7 @@ class SourceClient:
             transient = status in RETRY_STATUSES
             tries = f" after {attempts} tries" if transient else ""
             raise HTTPError(f"HTTP {status}{tries}: {snippet}", url=url, transient=transient)
-        raise HTTPError(last or "no response", url=redact_url(req.url))  # pragma: no cover
+        raise HTTPError(last or "no response", url=self.redact(req.url))  # pragma: no cover
 
 
 def _has_request(e: httpx.TransportError) -> bool:

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import hmac
 import math
+import os
 import random
 import signal
 import socket
@@ -448,6 +449,9 @@ class DemoAPI:
     ) -> None:
         self.host = host
         self.token = token
+        self._oauth_clients: dict[str, tuple[str, float]] = {}
+        self._issued: dict[str, float] = {}
+        self._tokens_issued = 0
         self.seed = seed
         self._port = port
         self._lock = threading.Lock()
@@ -650,13 +654,67 @@ class DemoAPI:
             return _error(exc.status, exc.message, exc.headers)
 
     def _authorized(self, req: _Request) -> bool:
-        if self.token is None:
+        """The static token as a bearer token, basic password, X-API-Key or ?api_key=;
+        or a live token issued by /oauth/token."""
+        if self.token is None and not self._oauth_clients:
             return True
-        expected = self.token.encode()
         scheme, _, value = req.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), expected):
+        value = value.strip()
+        if scheme.lower() == "bearer":
+            with self._lock:
+                expires = self._issued.get(value)
+            if expires is not None and expires > time.time():
+                return True
+        if self.token is None:
+            return False
+        expected = self.token.encode()
+        if scheme.lower() == "bearer" and hmac.compare_digest(value.encode(), expected):
+            return True
+        if scheme.lower() == "basic":
+            try:
+                password = base64.b64decode(value).decode().partition(":")[2]
+            except ValueError:
+                password = ""
+            if hmac.compare_digest(password.encode(), expected):
+                return True
+        if hmac.compare_digest(req.headers.get("x-api-key", "").encode(), expected):
             return True
         return hmac.compare_digest(req.query.get("api_key", "").encode(), expected)
+
+    # -- OAuth2 client credentials (RFC 6749 section 4.4), for auth tests
+
+    def add_oauth_client(self, client_id: str, secret: str, ttl: float = 3600) -> None:
+        """Accept `client_id`/`secret` at POST /oauth/token; tokens live `ttl` seconds."""
+        with self._lock:
+            self._oauth_clients[client_id] = (secret, ttl)
+
+    def revoke_tokens(self) -> None:
+        """Forget every issued token: the next request with one gets a 401."""
+        with self._lock:
+            self._issued.clear()
+
+    @property
+    def tokens_issued(self) -> int:
+        with self._lock:
+            return self._tokens_issued
+
+    def _oauth_token(self, req: _Request, body: bytes) -> _Response:
+        form = dict(parse_qsl(body.decode(errors="replace")))
+        client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
+        scheme, _, value = req.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "basic":
+            client_id, _, secret = base64.b64decode(value.strip()).decode().partition(":")
+        with self._lock:
+            known = self._oauth_clients.get(client_id)
+        if form.get("grant_type") != "client_credentials":
+            return _json(400, {"error": "unsupported_grant_type"})
+        if known is None or not hmac.compare_digest(known[0].encode(), secret.encode()):
+            return _json(401, {"error": "invalid_client"})
+        token = base64.urlsafe_b64encode(os.urandom(18)).decode()
+        with self._lock:
+            self._issued[token] = time.time() + known[1]
+            self._tokens_issued += 1
+        return _json(200, {"access_token": token, "token_type": "bearer", "expires_in": known[1]})
 
     def _route(self, path: str) -> Callable[[_Request, _FaultRule | None], _Response]:
         endpoint = self._routes.get(path)
@@ -1001,6 +1059,9 @@ class _Handler(BaseHTTPRequestHandler):
                 base=f"http://{host}",
             )
             rule = api._log_and_match(req)
+            if target.path == "/oauth/token" and self.command == "POST" and rule is None:
+                self._send(api._oauth_token(req, body))
+                return
             if rule is None:
                 self._send(api._respond(req))
             else:
