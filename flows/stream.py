@@ -114,6 +114,7 @@ def _summary_artifact(stream: str, scope: str, outcomes: list[PartitionOutcome])
             "records": o.records,
             "pages this run": o.new_pages,
             "records this run": o.new_records,
+            "rejected": o.rejected,
             "first cursor": "" if o.first_cursor is None else str(o.first_cursor),
             "last cursor": "" if o.last_cursor is None else str(o.last_cursor),
             "resumed from": o.resumed_from or "",

@@ -30,8 +30,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -356,6 +356,9 @@ def demo(
         f"Look around: [bold]pagesync state -c {path}[/bold], [bold]pagesync history {stream} -c {path}[/bold]"
     )
     raise typer.Exit(code)
+
+
+from . import cli_deploy  # noqa: E402,F401
 
 
 def main() -> None:

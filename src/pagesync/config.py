@@ -224,8 +224,16 @@ class Schedule(Model):
 
 
 class Stream(Model):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     source: str
-    path: str
+    path: str = Field("", description="Request path (may be omitted by a Python stream class).")
+    class_: str | None = Field(
+        None, alias="class", description="A Python stream: package.module:ClassName."
+    )
+    model: str | None = Field(
+        None, description="A pydantic model (package.module:Name) records are validated with."
+    )
     params: dict[str, str | int | float | bool] = Field(default_factory=dict)
     records: str | None = Field(None, description="Dotted path to the record list; none = body.")
     primary_key: list[str] = Field(min_length=1)
@@ -234,6 +242,12 @@ class Stream(Model):
     partitions: Partitions | None = None
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)
     schedule: Schedule | None = None
+
+    @model_validator(mode="after")
+    def _path_or_class(self) -> Stream:
+        if not self.path and not self.class_:
+            raise ValueError("give path (or class, for a Python stream)")
+        return self
 
 
 class Config(Model):
@@ -260,6 +274,25 @@ class Config(Model):
     @property
     def destination_url(self) -> str:
         return self.destination or self.state
+
+    def extend(
+        self,
+        *,
+        sources: dict[str, Source | dict[str, Any]] | None = None,
+        streams: dict[str, Stream | dict[str, Any]] | None = None,
+    ) -> Config:
+        """This config with more sources and streams (models or plain dicts), validated."""
+        data = self.model_dump(by_alias=True, exclude={"path"})
+        for key, extra in (("sources", sources), ("streams", streams)):
+            for name, value in (extra or {}).items():
+                data[key][name] = (
+                    value.model_dump(by_alias=True) if isinstance(value, BaseModel) else value
+                )
+        try:
+            config = Config.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(_format_errors(e, data), file=str(self.path or "<code>")) from None
+        return config.model_copy(update={"path": self.path})
 
     def stream(self, name: str) -> Stream:
         try:
@@ -356,8 +389,24 @@ def parse_config(data: Any, *, file: str = "<config>", folder: Path | None = Non
         raise ConfigError(_format_errors(e, data), file=file) from None
 
 
+#: Configs built in Python (`pagesync.sync(config, ...)`), by the `memory:N` name a flow gets.
+IN_MEMORY: dict[str, Config] = {}
+
+
+def register(config: Config) -> str:
+    """A name under which a flow run in this process finds a config built in code."""
+    for key, known in IN_MEMORY.items():
+        if known is config:
+            return key
+    key = f"memory:{len(IN_MEMORY) + 1}"
+    IN_MEMORY[key] = config
+    return key
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Read, expand and validate a config file; every failure is a ConfigError."""
+    if isinstance(path, str) and path in IN_MEMORY:
+        return IN_MEMORY[path]
     p = config_path(path)
     try:
         text = p.read_text()

@@ -212,6 +212,32 @@ class Destination:
                         row[i] = dumps(row[i]).decode()
         return rows
 
+    def write_rejected(
+        self,
+        conn: Connection,
+        stream: str,
+        rejected: list[tuple[dict[str, Any], str]],
+        *,
+        partition: str,
+        page: int,
+    ) -> None:
+        """Records a stream's model refused, with why and where from, in `<stream>__rejected`."""
+        q, mark = self.quote, self.paramstyle
+        name = q(f"{stream}__rejected")
+        conn.exec_driver_sql(
+            f"CREATE TABLE IF NOT EXISTS {name} ({q('partition')} TEXT, {q('page')} INTEGER, "
+            f"{q('error')} TEXT, {q('record')} TEXT, {q('rejected_at')} TEXT)"
+        )
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        rows = [
+            (partition, page, error, orjson.dumps(rec).decode(), now) for rec, error in rejected
+        ]
+        cursor = conn.connection.cursor()
+        try:
+            cursor.executemany(f"INSERT INTO {name} VALUES ({', '.join([mark] * 5)})", rows)
+        finally:
+            cursor.close()
+
     def _forget_on_rollback(self, conn: Connection, name: str) -> None:
         """DDL runs in the caller's transaction: if that rolls back, so does our knowledge."""
         event.listen(conn, "rollback", lambda _conn: self.tables.pop(name, None), once=True)

@@ -20,15 +20,16 @@ from itertools import pairwise
 from typing import Any, Protocol
 
 import httpx
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import Connection
 
 from . import config as cfg
 from . import crashpoints, mergepatch
 from .destination import Destination
-from .errors import LeaseLost, PageError, PaginationLoop, Stopped
-from .extract import dig, parse_body, records_at
+from .errors import ExtractError, LeaseLost, PageError, PagesyncError, PaginationLoop, Stopped
+from .extract import dig
 from .http import RateLimiter, SourceClient
-from .paginators import PageRequest, Token, make_paginator
+from .paginators import PageRequest, Token
 from .partitions import PartitionSpec, plan
 from .store import (
     COMPLETE,
@@ -41,6 +42,7 @@ from .store import (
     owner_id,
     write_lock,
 )
+from .streams import make_stream, record_model
 
 log = logging.getLogger("pagesync")
 
@@ -88,6 +90,8 @@ class PartitionOutcome:
     #: Pages and records committed by this run (`pages`/`records` are the partition's totals).
     new_pages: int = 0
     new_records: int = 0
+    #: Records the stream's model refused (kept in the `<stream>__rejected` table).
+    rejected: int = 0
 
 
 class Observer(Protocol):
@@ -122,7 +126,8 @@ class StreamRun:
         self.observers = observers or []
         limiter = RateLimiter(self.source.rate_limit.per_second) if self.source.rate_limit else None
         self.client = client or SourceClient(self.source, limiter=limiter)
-        self.paginator = make_paginator(self.stream.paginator)
+        self.reader = make_stream(self.stream)
+        self.model = record_model(self.stream)
         self.store = Store(config.state)
         self.same_db = config.destination_url == config.state
         self.destination = Destination(engine_for(config.destination_url))
@@ -171,7 +176,7 @@ class PartitionRun:
         self.warned = False
         self.last: PageResult | None = None
         #: Same-database mode: pages written since the last checkpoint, committed with it.
-        self._pending: list[tuple[list[dict[str, Any]], int]] = []
+        self._pending: list[tuple[list[dict[str, Any]], list[Rejected], int]] = []
         self._ahead: tuple[PageRequest, Future[httpx.Response]] | None = None
         self._since_commit = (0, 0, time.monotonic())  # pages, records, when
         self._counts_at_open = (0, 0)
@@ -206,7 +211,7 @@ class PartitionRun:
             if self._cursor_resumable(st):
                 new = {**st, "next": None, "resume": st["cursor"]}
                 resumed = f"cursor {st['cursor']!r}"
-            elif run.paginator.stable_tokens and "next" in st:
+            elif run.reader.stable_tokens and "next" in st:
                 new = dict(st)
                 resumed = f"page {st['page'] + 1} (stored token)"
             else:
@@ -289,14 +294,12 @@ class PartitionRun:
 
     def _one_page(self, task_run_id: str | None) -> PageResult:
         run, pos = self.run, self._position
-        token: Token = pos.get("next", run.paginator.first())
-        req = run.paginator.request(self._base, token)
+        token: Token = pos.get("next", run.reader.first())
+        req = run.reader.request(self._base, token)
         crashpoints.reached("before_fetch")
         response = self._fetch(req)
         crashpoints.reached("after_fetch")
-        body = parse_body(response.content, response.headers.get("content-type"))
-        records = records_at(body, self.stream.records)
-        nxt = run.client.scrub(run.paginator.next(token, response, body, records))
+        records, nxt = self._parse(response, token)
         page = self.next_page
         if nxt is not None:
             if nxt == token or nxt in pos.setdefault("_seen", set()):
@@ -306,11 +309,16 @@ class PartitionRun:
                     url=run.client.redact(response.url),
                 )
             pos["_seen"].add(nxt)
-            self._prefetch(run.paginator.request(self._base, nxt))
+            self._prefetch(run.reader.request(self._base, nxt))
         cursor_before = pos.get("cursor")
         if self.cursor_field and records:
             self._track_cursor(records)
-        written = self._write(records, page)
+        rejected: list[tuple[dict[str, Any], str]] = []
+        if run.model is not None:
+            records, rejected = validate(records, run.model)
+            if rejected:
+                pos["rejected"] = pos.get("rejected", 0) + len(rejected)
+        written = self._write(records, rejected, page)
         crashpoints.reached("after_write")
         entry = {
             "stream": run.name, "scope": run.scope, "partition": self.key, "page": page,
@@ -332,6 +340,19 @@ class PartitionRun:
             self._commit(done)
         return PageResult(page, written, pos.get("cursor"), committed, done)
 
+    def _parse(self, response: httpx.Response, token: Token) -> tuple[list[dict[str, Any]], Token]:
+        run = self.run
+        try:
+            parsed = run.reader.parse(response, token)
+        except PagesyncError:
+            raise
+        except Exception as e:  # a Python stream's own parse failed: say whose
+            raise ExtractError(
+                f"{type(run.reader).__name__}.parse failed: {type(e).__name__}: {e}",
+                url=run.client.redact(response.url),
+            ) from e
+        return parsed.records, run.client.scrub(parsed.next)
+
     def _track_cursor(self, records: list[dict[str, Any]]) -> None:
         pos, field_ = self._position, self.cursor_field
         values = [v for v in (dig(r, field_, None) for r in records) if v is not None]
@@ -350,7 +371,7 @@ class PartitionRun:
         pos.setdefault("first_cursor", values[0])
         if pos.get("sorted") and not ordered:
             pos["sorted"] = False
-            if not self.run.paginator.stable_tokens and not self.warned:
+            if not self.run.reader.stable_tokens and not self.warned:
                 self.warned = True
                 log.warning(
                     "stream %s partition %s: records are not in ascending %s order and the "
@@ -382,19 +403,23 @@ class PartitionRun:
     def _prefetch(self, req: PageRequest) -> None:
         self._ahead = (req, self.run.fetcher.submit(self.run.client.get, req))
 
-    def _write(self, records: list[dict[str, Any]], page: int) -> int:
+    def _write(self, records: list[dict[str, Any]], rejected: list[Rejected], page: int) -> int:
         """Same database: keep the page until its checkpoint, so one short transaction holds
         records and state. Otherwise: upsert now (at-least-once), the checkpoint follows."""
         run = self.run
         if run.same_db:
-            if records:
-                self._pending.append((records, page))
+            if records or rejected:
+                self._pending.append((records, rejected, page))
             return len(records)
         with write_lock(run.destination.engine), run.destination.engine.begin() as conn:
-            return self._upsert(conn, records, page)
+            return self._upsert(conn, records, rejected, page)
 
-    def _upsert(self, conn: Connection, records: list[dict[str, Any]], page: int) -> int:
+    def _upsert(
+        self, conn: Connection, records: list[dict[str, Any]], rejected: list[Rejected], page: int
+    ) -> int:
         run = self.run
+        if rejected:
+            run.destination.write_rejected(conn, run.name, rejected, partition=self.key, page=page)
         return run.destination.write(
             conn, run.name, self.stream.primary_key, records, partition=self.key, page=page
         )
@@ -410,8 +435,8 @@ class PartitionRun:
         status = COMPLETE if done else None
         with run.store.writing() as conn:
             if run.same_db:
-                for records, page in self._pending:
-                    self._upsert(conn, records, page)
+                for records, rejected, page in self._pending:
+                    self._upsert(conn, records, rejected, page)
             run.store.write(conn, lease, patch=patch, status=status, release=done)
             crashpoints.reached("in_commit")
         crashpoints.reached("after_commit")
@@ -468,6 +493,7 @@ class PartitionRun:
             pages=lease.pages if lease else 0, records=lease.records if lease else 0,
             first_cursor=st.get("first_cursor"), last_cursor=st.get("cursor"),
             resumed_from=self.outcome.resumed_from, new_pages=new_pages, new_records=new_records,
+            rejected=st.get("rejected", 0),
             **kw,
         )  # fmt: skip
 
@@ -481,6 +507,28 @@ class PartitionRun:
                 getattr(obs, event)(*args)
             except Exception:
                 log.exception("progress observer %r failed on %s", obs, event)
+
+
+Rejected = tuple[dict[str, Any], str]
+
+
+def validate(
+    records: list[dict[str, Any]], model: type[BaseModel]
+) -> tuple[list[dict[str, Any]], list[Rejected]]:
+    """Records that pass the model (as it dumps them), and the others with their error."""
+    good: list[dict[str, Any]] = []
+    bad: list[Rejected] = []
+    for record in records:
+        try:
+            good.append(model.model_validate(record).model_dump(mode="json", by_alias=True))
+        except ValidationError as e:
+            bad.append(
+                (
+                    record,
+                    "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()),
+                )
+            )
+    return good, bad
 
 
 def _j(value: Any) -> str | None:

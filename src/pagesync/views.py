@@ -22,6 +22,7 @@ class PartitionView(BaseModel):
     cursor: Any = None
     pages: int
     records: int
+    rejected: int = 0
     updated_at: datetime
     resumed_from: str | None = None
     error: str | None = None
@@ -48,6 +49,7 @@ def partition_views(store: Store, stream: str | None = None) -> list[PartitionVi
             cursor=row["state"].get("cursor"),
             pages=row["pages"],
             records=row["records"],
+            rejected=row["state"].get("rejected", 0),
             updated_at=row["updated_at"],
             error=row["error"],
         )
