@@ -104,3 +104,33 @@ def test_demo_syncs_the_bundled_api(tmp_path: Path) -> None:
         run_cli("state", "items", "-c", str(tmp_path / "demo" / "pagesync.yaml"), "--json").stdout
     )
     assert state[0]["records"] == 3000
+
+
+def test_init_writes_a_valid_starter_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    made = run_cli("init", str(tmp_path / "proj"))
+    assert made.returncode == 0, made.stderr
+    config = tmp_path / "proj" / "pagesync.yaml"
+    assert (tmp_path / "proj" / "streams.py").exists()
+    from pagesync.config import load_config
+
+    cfg = load_config(config)  # the starter is a valid config
+    assert cfg.streams["issues"].paginator.type == "link_header"
+    again = run_cli("init", str(tmp_path / "proj"))
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_schema_describes_every_paginator_partition_and_auth_kind() -> None:
+    run = run_cli("schema")
+    assert run.returncode == 0
+    schema = json.loads(run.stdout)
+    assert {"state", "destination", "sources", "streams"} <= set(schema["properties"])
+    kinds = {
+        d["properties"]["type"]["const"]
+        for d in schema["$defs"].values()
+        if "type" in d.get("properties", {})
+    }
+    assert {"next_url", "cursor", "link_header", "offset", "page_number", "single"} <= kinds
+    assert {"datetime", "list", "parent"} <= kinds
+    assert {"bearer", "basic", "api_key", "oauth2_client_credentials"} <= kinds
+    stream = schema["$defs"]["Stream"]
+    assert stream["additionalProperties"] is False and "class" in stream["properties"]

@@ -361,6 +361,35 @@ def demo(
 from . import cli_deploy  # noqa: E402,F401
 
 
+@app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="Where to write the files.")] = Path("."),
+    force: Annotated[bool, typer.Option(help="Overwrite existing files.")] = False,
+) -> None:
+    """Write a commented starter pagesync.yaml and a Python stream example."""
+    from importlib.resources import files
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, template in (("pagesync.yaml", "starter.yaml"), ("streams.py", "streams.py")):
+        target = folder / name
+        if target.exists() and not force:
+            raise fail(f"{target} exists (use --force to overwrite)")
+        target.write_text(files("pagesync").joinpath(f"templates/{template}").read_text())
+        written.append(str(target))
+    out.print(
+        f"Wrote {', '.join(written)}. Next: [bold]pagesync check[/bold], then [bold]pagesync run issues[/bold]."
+    )
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of pagesync.yaml (for editors: yaml-language-server)."""
+    from .config import json_schema
+
+    _print_json(json_schema())
+
+
 def main() -> None:
     app()
 

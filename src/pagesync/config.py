@@ -424,3 +424,12 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"{where}invalid YAML: {getattr(e, 'problem', e)}", file=str(p)) from None
     config = parse_config(data, file=str(p), folder=p.resolve().parent)
     return config.model_copy(update={"path": p.resolve()})
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of pagesync.yaml, from the models (so it cannot drift from them)."""
+    schema = Config.model_json_schema(by_alias=True, mode="validation")
+    schema["properties"].pop("path", None)
+    schema["title"] = "pagesync.yaml"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
