@@ -49,12 +49,13 @@ def pytest_configure(config: pytest.Config) -> None:
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
     }
     env.pop("PREFECT_API_URL", None)
+    url = f"http://127.0.0.1:{port}/api"
+    env["PREFECT_UI_API_URL"] = url  # where the UI in a browser finds the API (default :4200)
     log = open(home / "server.log", "w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 300
     while True:
         try:

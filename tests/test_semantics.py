@@ -390,7 +390,8 @@ def test_state_import_rejects_garbage_clearly(tmp_path: Path, api: DemoAPI) -> N
 def test_backfill_resumes_by_id_and_never_moves_the_high_water_mark_back(
     tmp_path: Path, api: DemoAPI
 ) -> None:
-    path = write_config(tmp_path, api.url, {"daily": DAILY})
+    # One window at a time, so the fault below lands in the second window, not the first.
+    path = write_config(tmp_path, api.url, {"daily": DAILY}, source={"concurrency": 1})
     sync(path, "daily")
     store = Store(load_config(path).state)
     hwm = store.high_water_mark("daily")
@@ -399,6 +400,9 @@ def test_backfill_resumes_by_id_and_never_moves_the_high_water_mark_back(
     args = ["backfill", "daily", "--start", "2024-01-03", "--end", "2024-01-06", "-c", str(path)]
     failed = run_cli(*args)
     assert failed.returncode == 1
+    complete = {p["partition"] for p in store.partitions("daily", scope=None)
+                if p["scope"] and p["status"] == "complete"}  # fmt: skip
+    assert "2024-01-03" in complete
     api.clear_faults()
     api.clear_requests()
     assert run_cli(*args).returncode == 0

@@ -358,9 +358,6 @@ def demo(
     raise typer.Exit(code)
 
 
-from . import cli_deploy  # noqa: E402,F401
-
-
 @app.command()
 def init(
     folder: Annotated[Path, typer.Argument(help="Where to write the files.")] = Path("."),
@@ -391,8 +388,14 @@ def schema() -> None:
 
 
 def main() -> None:
+    from . import cli_deploy  # noqa: F401  (registers up and deploy on `app`)
+
     app()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # `python -m pagesync.cli` runs this file as __main__; the commands that other modules
+    # register go on the app of pagesync.cli, so run that one.
+    from pagesync.cli import main as _main
+
+    _main()

@@ -19,7 +19,7 @@ import logging
 import os
 from datetime import timedelta
 from typing import Any, Literal
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from prefect import Flow
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
@@ -49,7 +49,8 @@ def entrypoint(stream: str) -> str:
     Prefect splits an entrypoint at its last dot (and treats a colon as a file path), so
     those characters are percent-encoded in the attribute name.
     """
-    return f"{__name__}.{quote(stream, safe='')}"
+    escaped = stream.replace("%", "%25").replace(".", "%2E").replace(":", "%3A")
+    return f"{__name__}.{escaped}"
 
 
 def __getattr__(name: str) -> Flow[..., Any]:

@@ -344,6 +344,9 @@ class PartitionRun:
         run = self.run
         try:
             parsed = run.reader.parse(response, token)
+        except PageError as e:  # the reader knows what is wrong, not where
+            e.url = e.url or run.client.redact(response.url)
+            raise
         except PagesyncError:
             raise
         except Exception as e:  # a Python stream's own parse failed: say whose
