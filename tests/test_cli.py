@@ -134,3 +134,58 @@ def test_schema_describes_every_paginator_partition_and_auth_kind() -> None:
     assert {"bearer", "basic", "api_key", "oauth2_client_credentials"} <= kinds
     stream = schema["$defs"]["Stream"]
     assert stream["additionalProperties"] is False and "class" in stream["properties"]
+
+
+def _processes_with_home(home: Path) -> list[int]:
+    """Processes whose environment names this PREFECT_HOME (the run and its server)."""
+    marker = f"PREFECT_HOME={home}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_run_on_a_fresh_machine_without_prefect_settings(tmp_path: Path, api: DemoAPI) -> None:
+    """No PREFECT_API_URL, a new PREFECT_HOME: the embedded server is started (migrations
+    and all), keeps the runs in PREFECT_HOME's database, and never outlives the run, even
+    one killed with SIGKILL."""
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    from helpers import assert_exactly_once, wait_for
+
+    home = tmp_path / "prefect-home"
+    path = write_config(tmp_path, api.url, {"items": STREAMS["next_url"]})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PAGESYNC_"))}
+    env["PREFECT_HOME"] = str(home)
+
+    def run(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pagesync.cli", "run", "items", "-c", str(path)],
+            env={**env, **extra}, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    killed = run(PAGESYNC_CRASH_AT="after_commit:3")
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    wait_for(lambda: not _processes_with_home(home), 30, what="the embedded server to exit")
+
+    done = run()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "embedded Prefect server" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert_exactly_once(
+        f"sqlite:///{tmp_path / 'pagesync.db'}", "items", [i["id"] for i in api.items]
+    )
+    with sqlite3.connect(home / "prefect.db") as db:
+        states = [s for (s,) in db.execute(
+            "SELECT state_type FROM flow_run JOIN flow ON flow.id = flow_run.flow_id "
+            "WHERE flow.name = 'items' ORDER BY flow_run.created"
+        )]  # fmt: skip
+    assert states[-1] == "COMPLETED" and len(states) == 2, states
+    wait_for(lambda: not _processes_with_home(home), 30, what="the embedded server to exit")

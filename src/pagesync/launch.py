@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
+from . import embedded
 from .config import Config
 from .engine import PartitionOutcome
 from .prefect_env import configure
@@ -70,13 +71,17 @@ def run_stream(
     """Run the stream's flow in this process and report how it went (never raises for
     partition failures: those are in the report)."""
     quiet_prefect(verbose)
-    if not os.environ.get("PREFECT_API_URL"):
+    server = embedded.start_if_needed()  # starts while Prefect is imported below
+    if server is not None:
         console.print(
-            "[dim]No PREFECT_API_URL: using Prefect's embedded server "
+            "[dim]No PREFECT_API_URL: using an embedded Prefect server "
             "(its first start on a machine can take a minute).[/dim]",
             highlight=False,
         )
     from pagesync.flows import stream as flows_stream  # Prefect is imported only here
+
+    if server is not None:
+        server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
 
     collector = _Collector()
     extra = [collector, *(observers or [])]

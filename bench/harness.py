@@ -1,0 +1,300 @@
+"""What the scenarios share: the demo API subprocess, pagesync configs, commands and
+environments, and reading results back from the databases."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import psutil
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+PREFECT_HOME = BENCH / ".prefect-home"
+RAW_LOOP = BENCH / "raw_loop.py"
+DATA_START = datetime(2024, 1, 1, tzinfo=UTC)  # the demo API's first updated_at
+DATA_SPAN = timedelta(days=31)  # its items span 30 days; one more covers the last group
+
+
+class PrefectServer:
+    """`prefect server start` once for the whole bench (`--server`): runs as under
+    `pagesync up` or a worker, where a server is already up and a run pays no start."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def __enter__(self) -> PrefectServer:
+        import socket
+        import time
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        home = BENCH / ".prefect-home-server"
+        home.mkdir(exist_ok=True)
+        env = {
+            **plain_env(),
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+        self.url = f"http://127.0.0.1:{port}/api"
+        with (home / "server.log").open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Prefect server did not start; see {home / 'server.log'}")
+            time.sleep(0.2)  # polling its health endpoint, with a deadline
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    @property
+    def process(self) -> psutil.Process:
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid)
+
+
+class DemoAPIProcess:
+    """`python -m pagesync.demo.api` in a subprocess, so its CPU is its own."""
+
+    def __init__(self, items: int) -> None:
+        self.items = items
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def __enter__(self) -> DemoAPIProcess:
+        cmd = [sys.executable, "-m", "pagesync.demo.api", "--port", "0", "--items", str(self.items)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # printed once it listens
+        found = re.search(r"listening on (\S+)", line)
+        if not found:
+            self.__exit__(None, None, None)
+            raise RuntimeError(f"the demo API did not start: {line!r}")
+        self.url = found.group(1)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    @property
+    def process(self) -> psutil.Process:
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid)
+
+    def _control(self, method: str, path: str, body: Any = None) -> None:
+        httpx.request(
+            method, f"{self.url}/_control/{path}", json=body, timeout=10
+        ).raise_for_status()
+
+    def set_latency(self, seconds: float) -> None:
+        """Every data request answers `seconds` late (the API's `slow` fault); 0 clears it."""
+        self._control("DELETE", "faults")
+        if seconds > 0:
+            self._control("POST", "faults", {"kind": "slow", "delay": seconds, "times": -1})
+
+    def forget_requests(self) -> None:
+        """The API logs every request in memory; keep that flat between runs."""
+        self._control("DELETE", "requests")
+
+    def first_page(self, page_size: int) -> str:
+        return f"{self.url}/db/items.json?_size={page_size}"
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def items_stream(page_size: int, single: bool = False) -> dict[str, Any]:
+    """The datasette-shaped stream of README's example, checkpointed every page."""
+    stream: dict[str, Any] = {
+        "source": "demo",
+        "path": "/db/items.json",
+        "params": {"_size": page_size},
+        "records": "rows",
+        "primary_key": ["id"],
+        "checkpoint": {"every_pages": 1},
+    }
+    if single:
+        stream["paginator"] = {"type": "single"}
+    else:
+        stream["cursor"] = {"field": "updated_at", "param": "updated_at__gte"}
+        stream["paginator"] = {"type": "next_url", "path": "next_url"}
+    return stream
+
+
+def partitioned_stream(page_size: int, partitions: int) -> dict[str, Any]:
+    """`partitions` equal datetime windows over the API's 30 days, keyset pages in each."""
+    hours = math.ceil(DATA_SPAN / timedelta(hours=1) / partitions)
+    end = DATA_START + timedelta(hours=hours * partitions)
+    return {
+        "source": "demo",
+        "path": "/next/items",
+        "params": {"limit": page_size},
+        "records": "data.items",
+        "primary_key": ["id"],
+        "cursor": {"field": "updated_at", "param": "updated_at__gte"},
+        "paginator": {"type": "next_url", "path": "next_url"},
+        "checkpoint": {"every_pages": 1},
+        "partitions": {
+            "type": "datetime",
+            "start": DATA_START.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "end": end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "step": f"PT{hours}H",
+            "start_param": "updated_at__gte",
+            "end_param": "updated_at__lt",
+        },
+    }
+
+
+def write_config(
+    path: Path,
+    *,
+    base_url: str,
+    streams: dict[str, dict[str, Any]],
+    state: str,
+    destination: str | None = None,
+    concurrency: int = 4,
+) -> Path:
+    """A pagesync.yaml for one run: one source (the demo API), the given streams."""
+    doc = {
+        "state": state,
+        "destination": destination or state,
+        "sources": {"demo": {"base_url": base_url, "timeout": 60, "concurrency": concurrency}},
+        "streams": streams,
+    }
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path.resolve()}"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def pagesync_cmd(stream: str, config: Path) -> list[str]:
+    """`pagesync run STREAM -c CONFIG`, with the console script of this interpreter."""
+    script = Path(sys.executable).parent / "pagesync"
+    base = [str(script)] if script.exists() else [sys.executable, "-m", "pagesync.cli"]
+    return [*base, "run", stream, "-c", str(config)]
+
+
+def raw_cmd(url: str, *args: str) -> list[str]:
+    return [sys.executable, str(RAW_LOOP), url, *args]
+
+
+def pagesync_env() -> dict[str, str]:
+    """No Prefect settings but a fixed PREFECT_HOME: the embedded server on a warm home."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PAGESYNC_"))}
+    env["PREFECT_HOME"] = str(PREFECT_HOME)
+    return env
+
+
+def plain_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PAGESYNC_"))}
+
+
+# --------------------------------------------------------------------------- databases
+
+
+def sqlite_count(path: Path, table: str = "items") -> int:
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0])
+
+
+def _parse_utc(value: Any) -> datetime:
+    parsed = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+
+
+def commit_times(path: Path) -> list[datetime]:
+    """committed_at of every page in pagesync's page log, oldest first."""
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT committed_at FROM pagesync_pages ORDER BY committed_at")
+        return [_parse_utc(r[0]) for r in rows if r[0] is not None]
+
+
+def remove_sqlite(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+class Postgres:
+    """A PostgreSQL server given as a SQLAlchemy URL; each run gets a schema of its own."""
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy.engine import make_url
+
+        self.url = url
+        self.conninfo = make_url(url).set(drivername="postgresql").render_as_string(False)
+
+    def connect(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(self.conninfo, autocommit=True)
+
+    @contextmanager
+    def schema(self) -> Iterator[str]:
+        """A fresh, empty schema, dropped afterwards."""
+        name = f"pagesync_bench_{uuid.uuid4().hex[:12]}"
+        with self.connect() as conn:
+            conn.execute(f'CREATE SCHEMA "{name}"')
+        try:
+            yield name
+        finally:
+            with self.connect() as conn:
+                conn.execute(f'DROP SCHEMA "{name}" CASCADE')
+
+    def sqlalchemy_url(self, schema: str) -> str:
+        """The URL with search_path set to `schema` (passed to libpq as `options`)."""
+        sep = "&" if "?" in self.url else "?"
+        return f"{self.url}{sep}options=-csearch_path%3D{schema}"
+
+    def commit_times(self, schema: str) -> list[datetime]:
+        """committed_at of every page in pagesync's page log in `schema`, oldest first."""
+        with self.connect() as conn:
+            sql = f'SELECT committed_at FROM "{schema}".pagesync_pages ORDER BY committed_at'
+            return [_parse_utc(r[0]) for r in conn.execute(sql) if r[0] is not None]
+
+    def count(self, schema: str, table: str = "items") -> int:
+        with self.connect() as conn:
+            row = conn.execute(f'SELECT count(*) FROM "{schema}"."{table}"').fetchone()
+            return int(row[0]) if row else 0
