@@ -15,8 +15,9 @@ Scenarios (`--only NAME[,NAME...]`):
   postgres    F: A with PostgreSQL as state and destination, vs a psycopg loop (needs
               --postgres)
 
-Results: tables on stdout, everything measured in bench/results/<time>.json. See
-bench/README.md for the method.
+Results: tables on stdout, everything measured in bench/results/<time>.json. The method
+(what is measured and how) is in measure.py; the figures are in the README's Performance
+section.
 """
 
 from __future__ import annotations
