@@ -99,6 +99,16 @@ def api() -> Iterator[DemoAPI]:
         yield server
 
 
+def cleaned(server: DemoAPI) -> Iterator[DemoAPI]:
+    """A module's shared demo API for one test: no faults, an empty request log, before and
+    after (`yield from cleaned(server)` in a fixture)."""
+    server.clear_faults()
+    server.clear_requests()
+    yield server
+    server.clear_faults()
+    server.clear_requests()
+
+
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for one test, dropped after it."""
@@ -139,6 +149,19 @@ def write_config(
     path = folder / "pagesync.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def daily_stream(limit: int) -> dict[str, Any]:
+    """A stream of daily windows over the demo API's January 2024 (~67 records a day),
+    `limit` records per page."""
+    return {
+        "path": "/next/items", "params": {"limit": limit}, "records": "data.items",
+        "primary_key": ["id"], "cursor": {"field": "updated_at", "param": "updated_at__gte"},
+        "paginator": {"type": "next_url", "path": "next_url"},
+        "partitions": {"type": "datetime", "start": "2024-01-01T00:00:00Z",
+                       "end": "2024-02-01T00:00:00Z", "step": "P1D",
+                       "start_param": "updated_at__gte", "end_param": "updated_at__lt"},
+    }  # fmt: skip
 
 
 #: The demo API's endpoints, one per paginator kind, as stream configs.

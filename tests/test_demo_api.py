@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import cleaned
 
 from pagesync.demo.api import (
     CATEGORIES,
@@ -51,11 +52,7 @@ def server() -> Iterator[DemoAPI]:
 @pytest.fixture
 def api(server: DemoAPI) -> Iterator[DemoAPI]:
     """The shared server, with no faults and an empty log on both sides of each test."""
-    server.clear_faults()
-    server.clear_requests()
-    yield server
-    server.clear_faults()
-    server.clear_requests()
+    yield from cleaned(server)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import run_cli, write_config
+from conftest import daily_stream, run_cli, write_config
 from helpers import assert_exactly_once, wait_for
 
 from pagesync.config import load_config
@@ -29,14 +29,7 @@ from pagesync.demo.project import write_demo
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: A stream of daily windows over the demo API's January 2024 (~67 records a day).
-DAILY: dict[str, Any] = {
-    "path": "/next/items", "params": {"limit": 20}, "records": "data.items", "primary_key": ["id"],
-    "cursor": {"field": "updated_at", "param": "updated_at__gte"},
-    "paginator": {"type": "next_url", "path": "next_url"},
-    "partitions": {"type": "datetime", "start": "2024-01-01T00:00:00Z", "end": "2024-02-01T00:00:00Z",
-                   "step": "P1D", "start_param": "updated_at__gte", "end_param": "updated_at__lt"},
-}  # fmt: skip
+DAILY = daily_stream(20)
 NEVER = {"cron": "0 0 1 1 *"}  # a schedule that will not fire while the tests run
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import cleaned
 
 from pagesync import config as cfg
 from pagesync import http as http_mod
@@ -52,11 +53,7 @@ def server() -> Iterator[DemoAPI]:
 @pytest.fixture
 def api(server: DemoAPI) -> Iterator[DemoAPI]:
     """One real demo API for the module, with no faults and an empty log for each test."""
-    server.clear_faults()
-    server.clear_requests()
-    yield server
-    server.clear_faults()
-    server.clear_requests()
+    yield from cleaned(server)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import STREAMS, run_cli, write_config
+from conftest import STREAMS, daily_stream, run_cli, write_config
 from helpers import (
     assert_counters_match_log,
     assert_exactly_once,
@@ -27,13 +27,7 @@ from pagesync.engine import StreamRun
 from pagesync.errors import LeaseLost
 from pagesync.store import Store
 
-DAILY = {
-    "path": "/next/items", "params": {"limit": 25}, "records": "data.items", "primary_key": ["id"],
-    "cursor": {"field": "updated_at", "param": "updated_at__gte"},
-    "paginator": {"type": "next_url", "path": "next_url"},
-    "partitions": {"type": "datetime", "start": "2024-01-01T00:00:00Z", "end": "2024-02-01T00:00:00Z",
-                   "step": "P1D", "start_param": "updated_at__gte", "end_param": "updated_at__lt"},
-}  # fmt: skip
+DAILY = daily_stream(25)
 BY_CATEGORY = {
     "path": "/categories/{value}/items", "params": {"limit": 100}, "records": "data.items",
     "primary_key": ["id"], "paginator": {"type": "cursor", "path": "meta.next", "param": "cursor"},

@@ -12,7 +12,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,6 +22,9 @@ from typer.core import TyperGroup
 
 from .config import Config, load_config
 from .errors import ConfigError, PagesyncError
+
+if TYPE_CHECKING:
+    from .store import Store
 
 app = typer.Typer(
     name="pagesync",
@@ -62,6 +65,18 @@ def _stream(config: Config, stream: str) -> None:
         config.stream(stream)
     except ConfigError as e:
         raise fail(str(e)) from None
+
+
+def _opened(path: Path | None, stream: str | None) -> tuple[Config, Store]:
+    """The config (with `stream` checked, if given) and its store, migrated."""
+    from .store import Store
+
+    cfg = _config(path)
+    if stream:
+        _stream(cfg, stream)
+    store = Store(cfg.state)
+    store.migrate()
+    return cfg, store
 
 
 def _print_json(data: Any) -> None:
@@ -177,14 +192,9 @@ def state_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Per partition: status, cursor, pages, records, last update."""
-    from .store import Store
     from .views import partition_views
 
-    cfg = _config(config)
-    if stream:
-        _stream(cfg, stream)
-    store = Store(cfg.state)
-    store.migrate()
+    cfg, store = _opened(config, stream)
     views = partition_views(store, stream)
     if as_json:
         _print_json([v.model_dump(mode="json") for v in views])
@@ -243,12 +253,8 @@ def state_export(
 ) -> None:
     """Write the stream's state as an Airbyte per-stream state array (JSON)."""
     from .interop import export_state
-    from .store import Store
 
-    cfg = _config(config)
-    _stream(cfg, stream)
-    store = Store(cfg.state)
-    store.migrate()
+    cfg, store = _opened(config, stream)
     _print_json(export_state(store, cfg, stream))
 
 
@@ -259,13 +265,9 @@ def history(
     as_json: JsonOpt = False,
 ) -> None:
     """Per committed page: partition, page, records, cursor, time, flow and task run ids."""
-    from .store import Store
     from .views import page_views
 
-    cfg = _config(config)
-    _stream(cfg, stream)
-    store = Store(cfg.state)
-    store.migrate()
+    cfg, store = _opened(config, stream)
     views = page_views(store, stream)
     if as_json:
         _print_json([v.model_dump(mode="json") for v in views])
@@ -288,12 +290,8 @@ def reset(
     config: ConfigOpt = None,
 ) -> None:
     """Forget a stream's checkpoints (its destination table is kept)."""
-    from .store import Store
 
-    cfg = _config(config)
-    _stream(cfg, stream)
-    store = Store(cfg.state)
-    store.migrate()
+    cfg, store = _opened(config, stream)
     n = store.reset(stream)
     out.print(f"Reset {stream}: {n} partition(s) forgotten; the next run starts from scratch.")
 

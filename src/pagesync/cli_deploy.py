@@ -66,6 +66,16 @@ def _ignoring_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def _failure(e: Exception, verbose: bool) -> typer.Exit:
+    """An unexpected error as one line (exit 1), its traceback only with --verbose; our own
+    exits pass through."""
+    if isinstance(e, typer.Exit):
+        return e
+    if verbose:
+        err.print_exception()
+    return fail(f"{type(e).__name__}: {e}", 1)
+
+
 def _answers(api_url: str, attempts: int = 3) -> bool:
     """Whether a server answers at `api_url` (a 401 counts: it is there, the key is the
     user's business); a 5xx is retried, a busy SQLite-backed server sends some."""
@@ -222,12 +232,8 @@ def up(
                 _serve(cfg, url, started_server=server is not None)
     except (_Stop, KeyboardInterrupt):
         pass
-    except typer.Exit:
-        raise
     except Exception as e:
-        if verbose:
-            err.print_exception()
-        raise fail(f"{type(e).__name__}: {e}", 1) from None
+        raise _failure(e, verbose) from None
     finally:
         if server is not None:
             with _ignoring_signals():
@@ -367,12 +373,8 @@ def deploy(
         if not _answers(url):
             raise fail(f"no Prefect server answers at {url}", 1)
         _register(cfg, pool, url)
-    except typer.Exit:
-        raise
     except Exception as e:
-        if verbose:
-            err.print_exception()
-        raise fail(f"{type(e).__name__}: {e}", 1) from None
+        raise _failure(e, verbose) from None
 
 
 def _register(cfg: Config, pool: str, url: str) -> None:
