@@ -7,11 +7,14 @@ values stay in pydantic SecretStr until the moment they are put on a request.
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from collections.abc import Generator
+from urllib.parse import quote, quote_plus
 
 import httpx
+from pydantic import SecretStr
 
 from . import config as cfg
 from .errors import ConfigError, HTTPError
@@ -83,6 +86,11 @@ class ClientCredentials(httpx.Auth):
         self._expires = time.monotonic() + float(body.get("expires_in", 3600))
         self.fetched += 1
 
+    @property
+    def token(self) -> str | None:
+        """The access token in use (None before the first request): a secret too."""
+        return self._token
+
     def _current(self, stale: str | None = None) -> str:
         with self._lock:
             expiring = time.monotonic() >= self._expires - self.spec.refresh_before
@@ -117,6 +125,20 @@ def make_auth(spec: cfg.Auth | None, timeout: float = 30) -> httpx.Auth | None:
             else HeaderAuth(spec.name, value)
         )
     return ClientCredentials(spec, timeout)
+
+
+def secret_values(spec: cfg.Auth | None) -> list[str]:
+    """The credentials of an auth config as they can appear in text: each secret value, its
+    URL-encoded form, and a basic auth header's encoding. APIs quote requests back (next
+    links, error bodies), so these are hidden wherever a source's words are shown."""
+    if spec is None:
+        return []
+    values = [v.get_secret_value() for _, v in spec if isinstance(v, SecretStr)]
+    if isinstance(spec, cfg.BasicAuth) and isinstance(spec.password, SecretStr):
+        pair = f"{spec.username}:{spec.password.get_secret_value()}"
+        values.append(base64.b64encode(pair.encode()).decode())
+    encoded = [form for v in values for form in (quote(v, safe=""), quote_plus(v, safe=""))]
+    return sorted({v for v in values + encoded if v}, key=len, reverse=True)
 
 
 def secret_param(spec: cfg.Auth | None) -> str | None:

@@ -302,7 +302,7 @@ def reset(
 @app.command()
 def check(config: ConfigOpt = None) -> None:
     """Validate the config and reach each stream's source."""
-    from .http import SourceClient, redact_url
+    from .http import SourceClient
     from .paginators import PageRequest
 
     cfg = _config(config)
@@ -318,7 +318,8 @@ def check(config: ConfigOpt = None) -> None:
         try:
             response = client.get(PageRequest(path, dict(stream.params)))
             out.print(
-                f"[green]✓[/green] {name}: {redact_url(response.url)} answered {response.status_code}"
+                f"[green]✓[/green] {name}: {escape(client.redact(response.url))} answered "
+                f"{response.status_code}"
             )
         except PagesyncError as e:
             bad += 1

@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 
 from . import config as cfg
-from .auth import make_auth, secret_param
+from .auth import ClientCredentials, make_auth, secret_param, secret_values
 from .errors import HTTPError
 from .paginators import PageRequest
 
@@ -104,6 +104,7 @@ class SourceClient:
         self.sleep = sleep
         self.origin = origin(source.base_url)
         self.secret_param = secret_param(source.auth)
+        self.secrets = secret_values(source.auth)
         if auth is None:
             auth = make_auth(source.auth, source.timeout)
         limits = httpx.Limits(max_connections=source.concurrency * 2 + 2)
@@ -126,7 +127,19 @@ class SourceClient:
             self._foreign.close()
 
     def redact(self, url: str | httpx.URL) -> str:
-        return redact_url(url, self.secret_param)
+        """The URL as it may be shown: see redact_url, and no credential anywhere in it."""
+        return self.hide(redact_url(url, self.secret_param))
+
+    def hide(self, text: str) -> str:
+        """`text` with the source's credentials replaced by ***: an API may quote a request,
+        key included, in an error body or under a parameter name we cannot know is secret."""
+        secrets = self.secrets
+        auth = self.client.auth
+        if isinstance(auth, ClientCredentials) and auth.token:
+            secrets = [auth.token, *secrets]
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def scrub(self, token: object) -> object:
         """A next-page URL without our credential parameter: it is stored in the state
@@ -172,7 +185,7 @@ class SourceClient:
                     transient=False,
                 ) from None
             except httpx.TransportError as e:
-                last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                last = self.hide(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
                 url = self.redact(e.request.url) if _has_request(e) else self.redact(req.url)
                 if attempt + 1 < attempts:
                     self.sleep(self._backoff(attempt))
@@ -188,7 +201,7 @@ class SourceClient:
                 wait = self._backoff(attempt) if wait is None else min(wait, self.retry.max_backoff)
                 self.sleep(wait)
                 continue
-            snippet = response.text[:200].strip().replace("\n", " ")
+            snippet = self.hide(response.text)[:200].strip().replace("\n", " ")
             transient = status in RETRY_STATUSES
             tries = f" after {attempts} tries" if transient else ""
             raise HTTPError(f"HTTP {status}{tries}: {snippet}", url=url, transient=transient)
