@@ -137,7 +137,11 @@ def secret_values(spec: cfg.Auth | None) -> list[str]:
     if isinstance(spec, cfg.BasicAuth) and isinstance(spec.password, SecretStr):
         pair = f"{spec.username}:{spec.password.get_secret_value()}"
         values.append(base64.b64encode(pair.encode()).decode())
-    encoded = [form for v in values for form in (quote(v, safe=""), quote_plus(v, safe=""))]
+    encoded = [
+        form
+        for v in values
+        for form in (quote(v, safe=""), quote(v), quote_plus(v), quote_plus(v, safe="*:/"))
+    ]  # as httpx, browsers and redact_url write them
     return sorted({v for v in values + encoded if v}, key=len, reverse=True)
 
 

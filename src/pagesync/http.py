@@ -11,10 +11,10 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import httpx
 
@@ -30,10 +30,17 @@ SECRET_PARAMS = frozenset(
 )  # fmt: skip
 
 
-def redact_url(url: str | httpx.URL, secret: str | None = None) -> str:
+def redact_url(url: str | httpx.URL, secret: str | None = None, values: Sequence[str] = ()) -> str:
     """The URL without userinfo and without the values of secret-looking query params
-    (and of `secret`, the source's own credential parameter)."""
+    (and of `secret`, the source's own credential parameter); any of `values` (known
+    credentials) in the path or in another parameter's value is replaced by ***."""
     hidden = SECRET_PARAMS if secret is None else SECRET_PARAMS | {secret.lower()}
+
+    def masked(text: str) -> str:
+        for value in values:
+            text = text.replace(value, "***")
+        return text
+
     parts = urlsplit(str(url))
     netloc = parts.hostname or ""
     if ":" in netloc:
@@ -41,10 +48,13 @@ def redact_url(url: str | httpx.URL, secret: str | None = None) -> str:
     if parts.port:
         netloc += f":{parts.port}"
     query = urlencode(
-        [(k, "***" if k.lower() in hidden else v) for k, v in parse_qsl(parts.query, True)],
+        [(k, "***" if k.lower() in hidden else masked(v)) for k, v in parse_qsl(parts.query, True)],
         safe="*:/",
     )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    path = parts.path
+    if values and masked(unquote(path)) != unquote(path):
+        path = quote(masked(unquote(path)), safe="/*")
+    return urlunsplit((parts.scheme, netloc, path, query, ""))
 
 
 def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
@@ -127,19 +137,23 @@ class SourceClient:
             self._foreign.close()
 
     def redact(self, url: str | httpx.URL) -> str:
-        """The URL as it may be shown: see redact_url, and no credential anywhere in it."""
-        return self.hide(redact_url(url, self.secret_param))
+        """The URL as it may be shown: see redact_url; no credential of ours anywhere in it."""
+        return redact_url(url, self.secret_param, self.credentials())
 
     def hide(self, text: str) -> str:
         """`text` with the source's credentials replaced by ***: an API may quote a request,
-        key included, in an error body or under a parameter name we cannot know is secret."""
-        secrets = self.secrets
-        auth = self.client.auth
-        if isinstance(auth, ClientCredentials) and auth.token:
-            secrets = [auth.token, *secrets]
-        for secret in secrets:
+        key included, in an error body."""
+        for secret in self.credentials():
             text = text.replace(secret, "***")
         return text
+
+    def credentials(self) -> list[str]:
+        """The source's credentials in the forms text may hold them, an OAuth2 access token
+        included once there is one."""
+        auth = self.client.auth
+        if isinstance(auth, ClientCredentials) and auth.token:
+            return [auth.token, *self.secrets]
+        return self.secrets
 
     def scrub(self, token: object) -> object:
         """A next-page URL without our credential parameter: it is stored in the state
