@@ -35,3 +35,10 @@ class Item(BaseModel):
     name: str
     price: float = Field(lt=50)  # the demo's prices go higher: those records are rejected
     updated_at: str
+
+
+class Leaky(CursorItems):
+    """A parse error that quotes the request, credentials included (as careless code does)."""
+
+    def parse(self, response: httpx.Response, token: object) -> Page:
+        raise ValueError(f"cannot parse the answer to {dict(response.request.headers)}")

@@ -76,3 +76,16 @@ def test_config_extended_in_code_runs_with_yaml_streams(tmp_path: Path, api: Dem
     assert_exactly_once(
         f"sqlite:///{tmp_path / 'pagesync.db'}", "code_items", [i["id"] for i in api.items]
     )
+
+
+def test_python_stream_errors_never_show_the_credentials(tmp_path: Path) -> None:
+    token = "s3cr3t-python-stream-token"
+    with DemoAPI(items=50, token=token) as secured:
+        spec = {**PY, "class": "pystreams:Leaky"}
+        auth = {"auth": {"type": "bearer", "token": token}}
+        path = write_config(tmp_path, secured.url, {"items": spec}, source=auth)
+        run = run_cli("run", "items", "-c", str(path), "-v", PYTHONPATH=HERE)
+        assert secured.requests[0]["headers"].get("authorization") == f"Bearer {token}"
+    assert run.returncode == 1
+    assert "Leaky.parse failed: ValueError: cannot parse the answer to" in run.stderr
+    assert token not in run.stdout + run.stderr

@@ -350,10 +350,12 @@ class PartitionRun:
         except PagesyncError:
             raise
         except Exception as e:  # a Python stream's own parse failed: say whose
-            raise ExtractError(
-                f"{type(run.reader).__name__}.parse failed: {type(e).__name__}: {e}",
+            raise ExtractError(  # its message may quote the body, credentials and all
+                run.client.hide(
+                    f"{type(run.reader).__name__}.parse failed: {type(e).__name__}: {e}"
+                ),
                 url=run.client.redact(response.url),
-            ) from e
+            ) from None
         return parsed.records, run.client.scrub(parsed.next)
 
     def _track_cursor(self, records: list[dict[str, Any]]) -> None:
