@@ -196,12 +196,19 @@ class Bench:
     # -- running things
 
     def measure(
-        self, label: str, cmd: list[str], env: dict[str, str], api: DemoAPIProcess
+        self,
+        label: str,
+        cmd: list[str],
+        env: dict[str, str],
+        api: DemoAPIProcess,
+        *,
+        prefect: bool = False,
     ) -> Measurement:
-        """One measured run against `api`, whose request log is cleared first."""
+        """One measured run against `api`, whose request log is cleared first; with
+        `prefect`, the running Prefect server's CPU (`--server`) is the run's too."""
         api.forget_requests()
         watch = {"api": api.process}
-        if self.server is not None:
+        if prefect and self.server is not None:
             watch["server"] = self.server.process
         m = measure(cmd, env, log=self.work / f"{label}.log", watch=watch,
                     timeout=self.args.timeout)  # fmt: skip
@@ -246,7 +253,7 @@ class Bench:
         env = pagesync_env()
         if self.server is not None:
             env["PREFECT_API_URL"] = self.server.url
-        m = self.measure(label, pagesync_cmd(stream, config), env, api)
+        m = self.measure(label, pagesync_cmd(stream, config), env, api, prefect=True)
         self.expect(m, count, records)
         if m.ok:
             times = [t.timestamp() for t in commits()]

@@ -76,7 +76,7 @@ def sync_stream(
     )  # fmt: skip
     try:
         specs = run.prepare(start=start, end=end) if backfill else run.prepare()
-        futures = [tagged(stream, s.key).submit(run, s, stream, s.key) for s in specs]
+        futures = [tagged(stream).submit(run, s, stream, s.key) for s in specs]
         wait(futures)
         outcomes: list[PartitionOutcome] = []
         errors: list[Exception] = []

@@ -130,6 +130,18 @@ def test_backfill_from_the_run_form_shows_page_task_runs_and_artifacts(
     pages = [h for h in history(path, stream) if h["flow_run_id"] == str(run.id)]
     windows = sorted({h["partition"] for h in pages})
     assert windows == ["2024-01-03", "2024-01-04", "2024-01-05"]
+    wanted = {h["task_run_id"] for h in pages}
+    with client() as c:  # each page's task run is the one the history names, under its partition
+        # (task runs reach the API through events: the last ones may come a moment later)
+        by_id = wait_for(
+            lambda: (ts := {str(t.id): t for t in _task_runs_of(c, run.id)}) and wanted <= set(ts)
+            and ts, 30, what="every page's task run in the API",
+        )  # fmt: skip
+    for h in pages:
+        task = by_id[h["task_run_id"]]
+        assert task.name == f"{stream} · {h['partition']} · page {h['page']}"
+        [parent] = [by_id[str(i.id)] for i in task.task_inputs["__parents__"]]
+        assert parent.name == f"{stream} · {h['partition']}" and f"stream:{stream}" in parent.tags
     open_flow_run(page, ui, run.id)
     page.get_by_text(f"{len(pages) + len(windows)} Task runs").first.wait_for()
     page.get_by_text("Task Runs", exact=True).click()
@@ -144,6 +156,14 @@ def test_backfill_from_the_run_form_shows_page_task_runs_and_artifacts(
     page.get_by_text(f"pagesync-{stream.replace('_', '-')}-partitions").wait_for()
     assert page.get_by_text("PROGRESS", exact=False).count() >= len(windows)
     page.screenshot(path=str(output_folder("flow-run") / "flow-run.png"), full_page=True)
+
+
+def _task_runs_of(c: Any, flow_run_id: Any) -> list[Any]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return c.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
+    )
 
 
 def _runs_of(c: Any, deployment_id: Any) -> list[Any]:
