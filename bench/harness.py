@@ -20,6 +20,8 @@ import httpx
 import psutil
 import yaml
 
+from pagesync.embedded import free_port, wait_until_healthy
+
 BENCH = Path(__file__).resolve().parent
 PREFECT_HOME = BENCH / ".prefect-home"
 RAW_LOOP = BENCH / "raw_loop.py"
@@ -36,12 +38,7 @@ class PrefectServer:
         self.url = ""
 
     def __enter__(self) -> PrefectServer:
-        import socket
-        import time
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         home = BENCH / ".prefect-home-server"
         home.mkdir(exist_ok=True)
         env = {
@@ -50,21 +47,14 @@ class PrefectServer:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
         self.url = f"http://127.0.0.1:{port}/api"
-        with (home / "server.log").open("wb") as log:
+        log_path = home / "server.log"
+        with log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                  "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Prefect server did not start; see {home / 'server.log'}")
-            time.sleep(0.2)  # polling its health endpoint, with a deadline
+        wait_until_healthy(self.url, self.proc, 300, "the Prefect server", log_path)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:

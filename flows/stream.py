@@ -76,7 +76,8 @@ def sync_stream(
     )  # fmt: skip
     try:
         specs = run.prepare(start=start, end=end) if backfill else run.prepare()
-        futures = [tagged(stream).submit(run, s, stream, s.key) for s in specs]
+        partition = tagged(stream)
+        futures = [partition.submit(run, s, stream, s.key) for s in specs]
         wait(futures)
         outcomes: list[PartitionOutcome] = []
         errors: list[Exception] = []

@@ -5,30 +5,22 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
 from pagesync.demo.api import DemoAPI
+from pagesync.embedded import free_port, wait_until_healthy
 
 PG_ADMIN_URL = os.environ.get("PAGESYNC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 _SERVER: dict[str, Any] = {}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -40,7 +32,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput") or os.environ.get("PAGESYNC_TEST_NO_SERVER"):
         return
     home = Path(tempfile.mkdtemp(prefix="pagesync-prefect-"))
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
@@ -56,17 +48,11 @@ def pytest_configure(config: pytest.Config) -> None:
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"Prefect server did not start; see {home / 'server.log'}")
-        time.sleep(0.25)  # waiting for a server to come up: polled, with a deadline
+    try:
+        wait_until_healthy(url, proc, 300, "the tests' Prefect server", home / "server.log")
+    except RuntimeError:
+        proc.kill()
+        raise
     _SERVER.update(proc=proc, home=home, url=url, log=log)
     os.environ.update(
         PREFECT_API_URL=url,

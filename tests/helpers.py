@@ -80,3 +80,14 @@ def wait_for(condition: Callable[[], Any], timeout: float = 120, what: str = "co
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def same(x: Any, y: Any) -> bool:
+    """Equal, and of the same JSON types all the way down (True is not 1, 1.0 is not 1)."""
+    if type(x) is not type(y):
+        return False
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+    if isinstance(x, list):
+        return len(x) == len(y) and all(same(a, b) for a, b in zip(x, y, strict=True))
+    return x == y

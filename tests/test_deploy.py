@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from helpers import assert_exactly_once, wait_for
 from pagesync.config import load_config
 from pagesync.demo.api import DemoAPI
 from pagesync.demo.project import write_demo
+from pagesync.embedded import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,12 +103,6 @@ def wait_final(flow_run_id: Any, timeout: float = 120) -> Any:
             return run if run.state and run.state.is_final() else None
 
         return wait_for(final, timeout, what=f"flow run {flow_run_id} to finish")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- built from a config ----------------------------------------------------------------

@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 import pytest
+from helpers import same
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -126,17 +127,6 @@ def mutated(draw: st.DrawFn, doc: dict[str, Any]) -> dict[str, Any]:
 
 
 pairs = documents.flatmap(lambda a: st.tuples(st.just(a), mutated(a) | documents))
-
-
-def same(x: Any, y: Any) -> bool:
-    """Equal, and of the same JSON types all the way down (True is not 1, 1.0 is not 1)."""
-    if type(x) is not type(y):
-        return False
-    if isinstance(x, dict):
-        return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
-    if isinstance(x, list):
-        return len(x) == len(y) and all(same(a, b) for a, b in zip(x, y, strict=True))
-    return x == y
 
 
 @settings(max_examples=100, deadline=None)

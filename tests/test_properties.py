@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import same
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import insert, select
@@ -50,17 +51,6 @@ values = st.recursive(
 documents = st.dictionaries(keys, values, max_size=6)
 #: A key rename, old -> new; often of keys the states have.
 renames = st.tuples(keys, keys).filter(lambda r: r[0] != r[1])
-
-
-def same(x: Any, y: Any) -> bool:
-    """Equal, and of the same JSON types all the way down."""
-    if type(x) is not type(y):
-        return False
-    if isinstance(x, dict):
-        return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
-    if isinstance(x, list):
-        return len(x) == len(y) and all(same(a, b) for a, b in zip(x, y, strict=True))
-    return x == y
 
 
 def renamed(doc: dict[str, Any], old: str, new: str) -> dict[str, Any]:

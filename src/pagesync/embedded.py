@@ -8,8 +8,9 @@ the client's import: `pagesync run` reaches its first page seconds sooner.
 
 It runs what Prefect's own `SubprocessASGIServer` runs (uvicorn over
 `prefect.server.api.server:create_app`, UI off, ephemeral services), on the same
-PREFECT_HOME database, so its runs are the ones `prefect server start` shows later. The
-services a one-shot server has no use for (automation triggers) are off.
+PREFECT_HOME database, so its runs are the ones `prefect server start` shows later. What a
+server that lives for one run has no use for is off: automation triggers and the event
+feed (the event persister); runs, task runs, logs and artifacts are all kept.
 """
 
 from __future__ import annotations
@@ -77,17 +78,40 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until_healthy(
+    api_url: str, process: subprocess.Popen[bytes], timeout: float, what: str, log_path: Path
+) -> None:
+    """Until the Prefect server that `process` runs answers at `api_url`; a RuntimeError
+    naming `what` and its log if the process exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2) as client:
+        while True:
+            try:
+                if client.get(f"{api_url}/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"{what} exited with code {process.returncode}; its log: {log_path}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not answer in {timeout:.0f}s; its log: {log_path}")
+            time.sleep(0.05)  # polling the server's health endpoint, with a deadline
 
 
 class EmbeddedServer:
     """A temporary Prefect server process for this one command; stopped at exit."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         spec = importlib.util.find_spec("prefect")  # its location, without importing it
         app_dir = Path(spec.origin if spec and spec.origin else ".").parent.parent
@@ -108,26 +132,10 @@ class EmbeddedServer:
 
     def wait(self, timeout: float) -> None:
         """Until the server answers; a clear error if it exits or never answers."""
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=2) as client:
-            while True:
-                try:
-                    if client.get(f"{self.api_url}/health").status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"the embedded Prefect server exited with code "
-                        f"{self.process.returncode}; its log: {self.log_path}"
-                    )
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"the embedded Prefect server did not answer in {timeout:.0f}s "
-                        f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); its log: "
-                        f"{self.log_path}"
-                    )
-                time.sleep(0.05)  # polling the server's health endpoint, with a deadline
+        wait_until_healthy(
+            self.api_url, self.process, timeout, "the embedded Prefect server "
+            "(startup timeout: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)", self.log_path,
+        )  # fmt: skip
 
     def stop(self) -> None:
         """At exit, after Prefect sent its last events and logs: the server shuts down

@@ -30,17 +30,18 @@ SECRET_PARAMS = frozenset(
 )  # fmt: skip
 
 
+def mask(text: str, values: Sequence[str]) -> str:
+    """`text` with each of `values` (known credentials, longest first) replaced by ***."""
+    for value in values:
+        text = text.replace(value, "***")
+    return text
+
+
 def redact_url(url: str | httpx.URL, secret: str | None = None, values: Sequence[str] = ()) -> str:
     """The URL without userinfo and without the values of secret-looking query params
     (and of `secret`, the source's own credential parameter); any of `values` (known
     credentials) in the path or in another parameter's value is replaced by ***."""
     hidden = SECRET_PARAMS if secret is None else SECRET_PARAMS | {secret.lower()}
-
-    def masked(text: str) -> str:
-        for value in values:
-            text = text.replace(value, "***")
-        return text
-
     parts = urlsplit(str(url))
     netloc = parts.hostname or ""
     if ":" in netloc:
@@ -48,12 +49,15 @@ def redact_url(url: str | httpx.URL, secret: str | None = None, values: Sequence
     if parts.port:
         netloc += f":{parts.port}"
     query = urlencode(
-        [(k, "***" if k.lower() in hidden else masked(v)) for k, v in parse_qsl(parts.query, True)],
+        [
+            (k, "***" if k.lower() in hidden else mask(v, values))
+            for k, v in parse_qsl(parts.query, True)
+        ],
         safe="*:/",
     )
-    path = parts.path
-    if values and masked(unquote(path)) != unquote(path):
-        path = quote(masked(unquote(path)), safe="/*")
+    path, plain = parts.path, unquote(parts.path)
+    if (masked := mask(plain, values)) != plain:
+        path = quote(masked, safe="/*")
     return urlunsplit((parts.scheme, netloc, path, query, ""))
 
 
@@ -143,9 +147,7 @@ class SourceClient:
     def hide(self, text: str) -> str:
         """`text` with the source's credentials replaced by ***: an API may quote a request,
         key included, in an error body."""
-        for secret in self.credentials():
-            text = text.replace(secret, "***")
-        return text
+        return mask(text, self.credentials())
 
     def credentials(self) -> list[str]:
         """The source's credentials in the forms text may hold them, an OAuth2 access token
