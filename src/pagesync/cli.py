@@ -113,6 +113,8 @@ def _run(cfg: Config, stream: str, *, verbose: bool = False, **params: Any) -> i
             report = run_stream(
                 cfg, stream, console=err, verbose=verbose, observers=[progress], **params
             )
+    except ConfigError as e:  # e.g. PAGESYNC_SERVER_IDLE
+        raise fail(str(e)) from None
     except PagesyncError as e:
         if verbose:
             err.print_exception()
@@ -384,6 +386,48 @@ def schema() -> None:
     from .config import json_schema
 
     _print_json(json_schema())
+
+
+# -- server -------------------------------------------------------------------------------
+
+server_app = typer.Typer(
+    help="The local Prefect server `pagesync run` keeps when no PREFECT_API_URL is set.",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("status")
+def server_status(as_json: JsonOpt = False) -> None:
+    """Whether this PREFECT_HOME's local Prefect server runs, where, and since when."""
+    from .embedded import ServerFiles
+
+    files = ServerFiles.here()
+    rec = files.read()
+    if as_json:
+        _print_json({"running": rec is not None, "clients": files.live_clients(), **(rec or {})})
+        return
+    if rec is None:
+        out.print(f"No local Prefect server runs for {files.home}.")
+        return
+    since = datetime.fromtimestamp(float(str(rec["started"])), UTC)
+    out.print(
+        f"Local Prefect server at {rec['api_url']} (pid {rec['pid']}, since "
+        f"{since:%Y-%m-%d %H:%M:%S} UTC, leaves {float(str(rec['idle'])):g} s after its last run; "
+        f"runs using it now: {len(files.live_clients())})."
+    )
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop this PREFECT_HOME's local Prefect server (its runs and logs stay in its database)."""
+    from .embedded import stop_local_server
+
+    rec = stop_local_server()
+    if rec is None:
+        out.print("No local Prefect server was running.")
+    else:
+        out.print(f"Stopped the local Prefect server at {rec['api_url']} (pid {rec['pid']}).")
 
 
 def main() -> None:

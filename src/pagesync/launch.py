@@ -2,7 +2,7 @@
 
 Prefect's console output is turned down (the CLI draws its own progress); its logs still
 reach the API, so the UI shows everything, tracebacks included. Works with no Prefect
-settings at all: the embedded server is started with a generous timeout.
+settings at all: a local server is found or started, with a generous startup timeout.
 """
 
 from __future__ import annotations
@@ -73,11 +73,7 @@ def run_stream(
     quiet_prefect(verbose)
     server = embedded.start_if_needed()  # starts while Prefect is imported below
     if server is not None:
-        console.print(
-            "[dim]No PREFECT_API_URL: using an embedded Prefect server "
-            "(its first start on a machine can take a minute).[/dim]",
-            highlight=False,
-        )
+        console.print(f"[dim]{server_note(server)}[/dim]", highlight=False)
     from pagesync.flows import stream as flows_stream  # Prefect is imported only here
 
     if server is not None:
@@ -118,12 +114,29 @@ def run_stream(
     return report
 
 
-def _run_flow(flow: Any, *, embedded: bool, **kwargs: Any) -> Any:
-    """Call the flow; on our embedded server, without flow-run heartbeats.
+def server_note(server: embedded.LocalServer) -> str:
+    """One line on the Prefect server a run uses, when pagesync chose it."""
+    if server.idle == 0:
+        return (
+            "No PREFECT_API_URL: using a local Prefect server for this run "
+            "(its first start on a machine can take a minute)."
+        )
+    idle = f"{server.idle:g} s" if server.idle < 120 else f"{server.idle / 60:g} min"
+    kept = f"kept {idle} after the last run; `pagesync server stop` ends it"
+    if server.reused:
+        return f"No PREFECT_API_URL: using the local Prefect server at {server.api_url} ({kept})."
+    return (
+        f"No PREFECT_API_URL: starting a local Prefect server ({kept}; its first start on a "
+        "machine can take a minute)."
+    )
 
-    Heartbeats let a long-lived server notice a run whose process died; the embedded server
-    dies with its run, so they are of no use there, and stopping their thread costs up to a
-    second at the end of every run.
+
+def _run_flow(flow: Any, *, embedded: bool, **kwargs: Any) -> Any:
+    """Call the flow; on our local server, without flow-run heartbeats.
+
+    Heartbeats let a server notice a run whose process died, through an automation; the
+    local server runs no automations, so they are of no use there, and stopping their
+    thread costs up to a second at the end of every run.
     """
     if not embedded:
         return flow(**kwargs)

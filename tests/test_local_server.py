@@ -1,0 +1,152 @@
+"""With no Prefect settings at all, `pagesync run` finds or starts a local Prefect server on
+PREFECT_HOME, keeps it for later runs, and never lets it outlive its idle time (or, with
+PAGESYNC_SERVER_IDLE=0, its run, even one killed with SIGKILL). Real processes throughout:
+each test starts a real server on a new PREFECT_HOME, migrations and all."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import STREAMS, write_config
+from helpers import assert_exactly_once, wait_for
+
+from pagesync.demo.api import DemoAPI
+from pagesync.embedded import alive
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PAGESYNC_"))}
+    return {**env, "PREFECT_HOME": str(home), **extra}
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pagesync.cli", *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def _popen(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pagesync.cli", *args], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def _processes_with_home(home: Path) -> list[int]:
+    """Processes whose environment names this PREFECT_HOME (runs and their server)."""
+    marker = f"PREFECT_HOME={home}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _record(home: Path) -> dict[str, object]:
+    return json.loads((home / "pagesync-server.json").read_text())
+
+
+def _flow_run_states(home: Path, flow: str) -> list[str]:
+    with sqlite3.connect(home / "prefect.db") as db:
+        return [s for (s,) in db.execute(
+            "SELECT state_type FROM flow_run JOIN flow ON flow.id = flow_run.flow_id "
+            "WHERE flow.name = ? ORDER BY flow_run.created", (flow,)
+        )]  # fmt: skip
+
+
+def test_a_fresh_machine_gets_a_server_that_later_runs_reuse(tmp_path: Path, api: DemoAPI) -> None:
+    """No PREFECT_API_URL, a new PREFECT_HOME: the first run starts the server, a run killed
+    with SIGKILL leaves it up, the next run reuses it and resumes; `server stop` ends it."""
+    home = tmp_path / "prefect-home"
+    path = write_config(tmp_path, api.url, {"items": STREAMS["next_url"]})
+    env = _env(home)
+
+    killed = _cli({**env, "PAGESYNC_CRASH_AT": "after_commit:3"}, "run", "items", "-c", str(path))
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert "starting a local Prefect server" in killed.stderr
+    first = _record(home)
+    assert alive(int(str(first["pid"])))  # kept: the run died, its server did not
+
+    done = _cli(env, "run", "items", "-c", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"using the local Prefect server at {first['api_url']}" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert _record(home)["pid"] == first["pid"]
+    assert_exactly_once(
+        f"sqlite:///{tmp_path / 'pagesync.db'}", "items", [i["id"] for i in api.items]
+    )
+    status = json.loads(_cli(env, "server", "status", "--json").stdout)
+    assert status["running"] is True and status["pid"] == first["pid"]
+    assert status["clients"] == []  # both runs are gone: nobody holds the server
+
+    stopped = _cli(env, "server", "stop")
+    assert stopped.returncode == 0 and str(first["pid"]) in stopped.stdout, stopped.stderr
+    assert not alive(int(str(first["pid"])))
+    assert not (home / "pagesync-server.json").exists()
+    states = _flow_run_states(home, "items")  # the server kept both runs in PREFECT_HOME
+    assert len(states) == 2 and states[-1] == "COMPLETED", states
+    wait_for(lambda: not _processes_with_home(home), 30, what="every process of this home to exit")
+    again = _cli(env, "server", "stop")
+    assert again.returncode == 0 and "No local Prefect server" in again.stdout
+
+
+def test_runs_started_together_share_one_server(tmp_path: Path, api: DemoAPI) -> None:
+    """Two first runs at once on a new PREFECT_HOME: one starts the server, the other
+    joins it (decided under a file lock), and both complete."""
+    home = tmp_path / "prefect-home"
+    path = write_config(tmp_path, api.url, {"a": STREAMS["next_url"], "b": STREAMS["cursor"]})
+    env = _env(home)
+    procs = [_popen(env, "run", name, "-c", str(path)) for name in ("a", "b")]
+    results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    for code, out, err in results:
+        assert code == 0, out + err
+    errs = " ".join(err for _, _, err in results)
+    assert errs.count("starting a local Prefect server") == 1, errs
+    url = str(_record(home)["api_url"])
+    assert f"using the local Prefect server at {url}" in errs
+    servers = [p for p in _processes_with_home(home) if b"pagesync.server_process" in
+               Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
+    assert servers == [_record(home)["pid"]]
+    assert _cli(env, "server", "stop").returncode == 0
+
+
+def test_with_idle_zero_the_server_dies_with_its_run(tmp_path: Path, api: DemoAPI) -> None:
+    """PAGESYNC_SERVER_IDLE=0: the server lives as long as its run, even one killed with
+    SIGKILL, and nothing is written down for later runs."""
+    home = tmp_path / "prefect-home"
+    path = write_config(tmp_path, api.url, {"items": STREAMS["next_url"]})
+    env = _env(home, PAGESYNC_SERVER_IDLE="0")
+    killed = _cli({**env, "PAGESYNC_CRASH_AT": "after_commit:2"}, "run", "items", "-c", str(path))
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert "using a local Prefect server for this run" in killed.stderr
+    wait_for(lambda: not _processes_with_home(home), 30, what="the run's server to exit")
+    assert not (home / "pagesync-server.json").exists()
+
+
+def test_a_kept_server_leaves_after_its_idle_time(tmp_path: Path, api: DemoAPI) -> None:
+    home = tmp_path / "prefect-home"
+    path = write_config(tmp_path, api.url, {"items": STREAMS["next_url"]})
+    env = _env(home, PAGESYNC_SERVER_IDLE="1")
+    done = _cli(env, "run", "items", "-c", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "kept 1 s after the last run" in done.stderr, done.stderr
+    wait_for(lambda: not _processes_with_home(home), 60, what="the idle server to leave")
+    assert not (home / "pagesync-server.json").exists()
+
+
+def test_a_bad_idle_setting_is_a_clear_error(tmp_path: Path, api: DemoAPI) -> None:
+    home = tmp_path / "prefect-home"
+    path = write_config(tmp_path, api.url, {"items": STREAMS["next_url"]})
+    bad = _cli(_env(home, PAGESYNC_SERVER_IDLE="soon"), "run", "items", "-c", str(path))
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "PAGESYNC_SERVER_IDLE='soon'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not _processes_with_home(home)
