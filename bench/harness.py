@@ -3,6 +3,7 @@ environments, and reading results back from the databases."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -194,22 +195,44 @@ def sqlite_url(path: Path) -> str:
 # --------------------------------------------------------------------------- commands
 
 
-def pagesync_cmd(stream: str, config: Path) -> list[str]:
-    """`pagesync run STREAM -c CONFIG`, with the console script of this interpreter."""
+def pagesync_base() -> list[str]:
+    """`pagesync`: the console script of this interpreter."""
     script = Path(sys.executable).parent / "pagesync"
-    base = [str(script)] if script.exists() else [sys.executable, "-m", "pagesync.cli"]
-    return [*base, "run", stream, "-c", str(config)]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pagesync.cli"]
+
+
+def pagesync_cmd(stream: str, config: Path) -> list[str]:
+    """`pagesync run STREAM -c CONFIG`."""
+    return [*pagesync_base(), "run", stream, "-c", str(config)]
 
 
 def raw_cmd(url: str, *args: str) -> list[str]:
     return [sys.executable, str(RAW_LOOP), url, *args]
 
 
-def pagesync_env() -> dict[str, str]:
-    """No Prefect settings but a fixed PREFECT_HOME: the embedded server on a warm home."""
+def pagesync_env(cold: bool = False) -> dict[str, str]:
+    """No Prefect settings but a fixed PREFECT_HOME: pagesync's local server on a warm
+    home, kept between runs, or (`cold`) started and stopped by every run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PAGESYNC_"))}
     env["PREFECT_HOME"] = str(PREFECT_HOME)
+    if cold:
+        env["PAGESYNC_SERVER_IDLE"] = "0"
     return env
+
+
+def local_server() -> psutil.Process | None:
+    """The local Prefect server kept for the bench's PREFECT_HOME, if one runs."""
+    try:
+        rec = json.loads((PREFECT_HOME / "pagesync-server.json").read_text())
+        return psutil.Process(int(rec["pid"]))
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return None
+
+
+def stop_local_server() -> None:
+    """`pagesync server stop` for the bench's PREFECT_HOME."""
+    subprocess.run([*pagesync_base(), "server", "stop"], env=pagesync_env(),
+                   capture_output=True, timeout=60)  # fmt: skip
 
 
 def plain_env() -> dict[str, str]:

@@ -5,8 +5,8 @@ same code. How:
 
 - A sampler thread walks the process tree (the process and all its descendants) every
   `interval` seconds (50 ms) and records the sum of their RSS, and each process's CPU time
-  and role: "server" for Prefect's embedded server (a uvicorn child running
-  `prefect.server.api.server`), "client" for the command's own process, "other" for any
+  and role: "server" for a Prefect server the run started itself (`--cold`: a child
+  running `pagesync.server_process`), "client" for the command's own process, "other" for any
   other descendant.
 - When the command exits, it is left a zombie for a moment (`waitid(WNOWAIT)`): its exact
   CPU time, and that of the children it reaped (the embedded server is stopped and reaped
@@ -34,7 +34,7 @@ from typing import Any
 
 import psutil
 
-SERVER_MARKERS = ("prefect.server.api.server", "prefect server start")
+SERVER_MARKERS = ("pagesync.server_process", "prefect.server.api.server", "prefect server start")
 MB = 1024 * 1024
 
 
@@ -51,7 +51,7 @@ class Measurement:
     peak_rss_client_mb: float
     peak_rss_server_mb: float
     client_cpu_s: float  # the command's own process, user + system
-    server_cpu_s: float  # Prefect's embedded server process, 0 when there is none
+    server_cpu_s: float  # a Prefect server the run started (--cold), 0 when there is none
     other_cpu_s: float  # any other descendant
     watched_cpu_s: dict[str, float] = field(default_factory=dict)  # e.g. {"api": 2.1}
     background_cpu_s: float = 0.0  # the rest of the machine during the run

@@ -51,6 +51,7 @@ from harness import (
     PrefectServer,
     commit_times,
     items_stream,
+    local_server,
     pagesync_cmd,
     pagesync_env,
     partitioned_stream,
@@ -59,6 +60,7 @@ from harness import (
     remove_sqlite,
     sqlite_count,
     sqlite_url,
+    stop_local_server,
     write_config,
 )
 from measure import Measurement, measure
@@ -73,7 +75,8 @@ Figures = dict[str, float | None]
 
 
 def server_cpu(m: Measurement) -> float:
-    """The embedded server's CPU, or the running server's over the run (`--server`)."""
+    """The CPU of the Prefect server over the run: one the run started (`--cold`), or the
+    one it used (pagesync's kept local server, or `--server`)."""
     return m.server_cpu_s + m.watched_cpu_s.get("server", 0.0)
 
 
@@ -210,6 +213,8 @@ class Bench:
         watch = {"api": api.process}
         if prefect and self.server is not None:
             watch["server"] = self.server.process
+        elif prefect and not self.args.cold and (kept := local_server()) is not None:
+            watch["server"] = kept
         m = measure(cmd, env, log=self.work / f"{label}.log", watch=watch,
                     timeout=self.args.timeout)  # fmt: skip
         return m
@@ -250,7 +255,7 @@ class Bench:
             count, commits = partial(sqlite_count, db, stream), partial(commit_times, db)
         config = write_config(self.work / f"{label}.yaml", base_url=api.url, streams=streams,
                               state=state, concurrency=concurrency)  # fmt: skip
-        env = pagesync_env()
+        env = pagesync_env(cold=self.args.cold)
         if self.server is not None:
             env["PREFECT_API_URL"] = self.server.url
         m = self.measure(label, pagesync_cmd(stream, config), env, api, prefect=True)
@@ -638,8 +643,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--timeout", type=float, default=3600, help="seconds before a run is killed")
     add("--keep", action="store_true", help="keep the work folder (configs, logs)")
     add("--server", action="store_true",
-        help="run pagesync against a Prefect server started once for the bench (as under "
-             "`pagesync up` or a worker) instead of the embedded one each run starts")  # fmt: skip
+        help="run pagesync against a `prefect server start` started once for the bench (as "
+             "under `pagesync up` or a worker) instead of pagesync's local server")  # fmt: skip
+    add("--cold", action="store_true",
+        help="every pagesync run starts (and stops) its own local Prefect server "
+             "(PAGESYNC_SERVER_IDLE=0) instead of reusing the one kept since the warm-up")  # fmt: skip
     args = p.parse_args(argv)
     if args.only:
         chosen = {s.strip() for item in args.only for s in item.split(",") if s.strip()}
@@ -656,6 +664,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def prefect_mode(args: argparse.Namespace) -> str:
+    if args.server:
+        return "`prefect server start`, started once (--server)"
+    if args.cold:
+        return "a local server started and stopped by each run (--cold)"
+    return "pagesync's local server, started by the warm-up and kept between runs"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="pagesync-bench-"))
@@ -666,7 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"load average {load}; Python {info['python']}, Prefect {info['prefect']}, pagesync "
           f"{info['pagesync_commit']}{' (engine modified)' if info['pagesync_modified'] else ''}")  # fmt: skip
     b.say(f"scenarios: {', '.join(args.scenarios)}; work folder {work}; Prefect: "
-          f"{'a server started once (--server)' if args.server else 'embedded, started by each run'}")  # fmt: skip
+          f"{prefect_mode(args)}")  # fmt: skip
     runners: dict[str, Callable[[], None]] = {
         "full": partial(scenario_full, b),
         "overhead": partial(scenario_overhead, b),
@@ -685,6 +701,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runners[name]()
                 b.save()
     finally:
+        if not args.server:
+            stop_local_server()
         if args.keep:
             b.say(f"work folder kept: {work}")
         else:

@@ -88,6 +88,13 @@ def test_a_fresh_machine_gets_a_server_that_later_runs_reuse(tmp_path: Path, api
     assert status["running"] is True and status["pid"] == first["pid"]
     assert status["clients"] == []  # both runs are gone: nobody holds the server
 
+    user = home / "pagesync-server.clients" / str(os.getpid())  # a live process using it
+    user.touch()
+    refused = _cli(env, "server", "stop")
+    assert refused.returncode == 1 and f"in use by running pagesync processes ({os.getpid()})" \
+        in refused.stderr, refused.stdout + refused.stderr  # fmt: skip
+    assert alive(int(str(first["pid"])))
+    user.unlink()
     stopped = _cli(env, "server", "stop")
     assert stopped.returncode == 0 and str(first["pid"]) in stopped.stdout, stopped.stderr
     assert not alive(int(str(first["pid"])))

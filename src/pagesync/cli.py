@@ -419,10 +419,19 @@ def server_status(as_json: JsonOpt = False) -> None:
 
 
 @server_app.command("stop")
-def server_stop() -> None:
+def server_stop(
+    force: Annotated[
+        bool, typer.Option("--force", help="Stop it even while runs use it (they fail).")
+    ] = False,
+) -> None:
     """Stop this PREFECT_HOME's local Prefect server (its runs and logs stay in its database)."""
-    from .embedded import stop_local_server
+    from .embedded import ServerFiles, stop_local_server
 
+    users = ServerFiles.here().live_clients()
+    if users and not force:
+        pids = ", ".join(map(str, users))
+        raise fail(f"the local Prefect server is in use by running pagesync processes ({pids}); "
+                   "let them finish, or stop it anyway with --force", 1)  # fmt: skip
     rec = stop_local_server()
     if rec is None:
         out.print("No local Prefect server was running.")
