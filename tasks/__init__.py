@@ -4,6 +4,7 @@ from pagesync.prefect_env import configure as _configure
 
 _configure()
 
-from .partition import page_task, partition_task, tagged  # noqa: E402
+from .pages import PageTaskRuns  # noqa: E402
+from .partition import partition_task, tagged  # noqa: E402
 
-__all__ = ["page_task", "partition_task", "tagged"]
+__all__ = ["PageTaskRuns", "partition_task", "tagged"]

@@ -1,60 +1,24 @@
-"""The partition task and its page subtasks: the Prefect names, tags and retries.
+"""The partition task: a Prefect task per partition, its pages task runs under it.
 
-All the work is the engine's (`pagesync.engine`); these functions only give each page a
-task run of its own, named `stream · partition · page N`, retried on transient errors.
-No record passes through Prefect: a page task returns counts, never rows.
+All the work is the engine's (`pagesync.engine`); the partition task walks the partition
+and gives each page a task run of its own (`pages.PageTaskRuns`), named
+`stream · partition · page N`, retried on transient errors. No record passes through
+Prefect: a page returns counts, never rows.
 
-Tags (`stream:NAME`, `partition:KEY`) go on the partition task only: in Prefect 3.9 every
-task run with tags makes an API call for tag concurrency limits before it starts, which on
-a page task would cost a round trip per page (measured: a 50-partition run went from 18 s
-to 53 s).
+Tags (`stream:NAME`) go on the partition task only: in Prefect 3.9 every task run with
+tags acquires a concurrency slot through the API before it starts.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
-from prefect.context import TaskRunContext
-from prefect.states import State
 
-from pagesync.engine import (
-    STOP,
-    PageResult,
-    PartitionOutcome,
-    PartitionRun,
-    StreamRun,
-    run_partition,
-)
-from pagesync.errors import LeaseLost
+from pagesync.engine import PartitionOutcome, StreamRun, run_partition
 from pagesync.partitions import PartitionSpec
 
+from .pages import PageTaskRuns
 from .progress import ProgressArtifacts
-
-
-def _worth_retrying(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry network and server trouble; not config errors, loops or a lost lease."""
-    exc = state.result(raise_on_failure=False)
-    if isinstance(exc, LeaseLost) or STOP.is_set():
-        return False
-    return bool(getattr(exc, "transient", True))
-
-
-@task(
-    name="page",
-    task_run_name="{stream} · {partition} · page {page}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-    retry_delay_seconds=1,
-    retry_condition_fn=_worth_retrying,
-)
-def page_task(part: PartitionRun, stream: str, partition: str, page: int) -> PageResult:
-    """Fetch, write and (when due) checkpoint one page."""
-    ctx = TaskRunContext.get()
-    return part.step(page, str(ctx.task_run.id) if ctx else None)
 
 
 @task(
@@ -66,13 +30,13 @@ def page_task(part: PartitionRun, stream: str, partition: str, page: int) -> Pag
 def partition_task(
     run: StreamRun, spec: PartitionSpec, stream: str, partition: str
 ) -> PartitionOutcome:
-    """Walk one partition from its resume point to its end, a page task per page."""
-    pager = page_task.with_options(retries=run.source.retry.task_retries)
+    """Walk one partition from its resume point to its end, a task run per page."""
+    pages = PageTaskRuns(stream, partition, retries=run.source.retry.task_retries)
     part = run.partition(spec)
     for obs in run.observers:
         if isinstance(obs, ProgressArtifacts):
             obs.start(spec)
-    return run_partition(part, lambda p, n: pager(p, stream, partition, n))
+    return run_partition(part, pages)
 
 
 def tagged(stream: str) -> Task[..., PartitionOutcome]:

@@ -7,12 +7,14 @@ them all.
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -442,7 +444,35 @@ def server_stop(
 def main() -> None:
     from . import cli_deploy  # noqa: F401  (registers up and deploy on `app`)
 
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code
+    else:  # pragma: no cover - typer's standalone mode always exits
+        code = 0
+    exit_now(code)
+
+
+def exit_now(code: int | str | None) -> NoReturn:
+    """Exit without the interpreter's teardown, which spends about a second freeing what a
+    run imported (Prefect's models and settings) one object at a time (measured).
+
+    What matters of an ordinary exit is done first, in its order: Prefect's event and log
+    workers send what they hold, then the atexit handlers run (Prefect's, and ours that
+    stop or leave the local server after Prefect's last events reached it)."""
+    if "prefect" in sys.modules:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for worker in (EventsWorker, APILogWorker):
+            worker.drain_all(timeout=30)
+    if isinstance(code, str):
+        err.print(code)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,6 +39,7 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -107,8 +108,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class Process(Protocol):
+    """What `wait_until_healthy` asks of a server process: Popen's poll() and returncode."""
+
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+
 def wait_until_healthy(
-    api_url: str, process: subprocess.Popen[bytes], timeout: float, what: str, log_path: Path
+    api_url: str, process: Process, timeout: float, what: str, log_path: Path
 ) -> None:
     """Until the Prefect server that `process` runs answers at `api_url`; a RuntimeError
     naming `what` and its log if the process exits first or `timeout` seconds pass."""
@@ -279,7 +288,8 @@ class LocalServer:
         attached = idle == 0
         with files.log.open("wb") as log:  # its chatter stays out of the CLI
             process = subprocess.Popen(
-                [sys.executable, "-m", "pagesync.server_process", "--port", str(port), "--idle", str(idle), "--home", str(files.home)],
+                [sys.executable, "-m", "pagesync.server_process", "--port", str(port),
+                 "--idle", str(idle), "--home", str(files.home)],
                 env={**os.environ, **SERVER_ENV}, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT,
                 # Attached: dies with this process. Kept: out of the terminal's process
@@ -299,8 +309,8 @@ class LocalServer:
 
     @classmethod
     def find(cls, files: ServerFiles, idle: float) -> LocalServer | None:
-        """The server written down for this PREFECT_HOME, if it lives and runs this Python
-        and this Prefect (else it is left to leave when idle)."""
+        """The server written down for this PREFECT_HOME, if it lives and was started from
+        this environment with this Prefect (else it is left to leave when idle)."""
         rec = files.read()
         if rec is None or any(rec.get(k) != v for k, v in _identity().items()):
             return None
@@ -310,7 +320,7 @@ class LocalServer:
     def wait(self, timeout: float) -> None:
         """Until the server answers; a clear error if it exits or never answers."""
         wait_until_healthy(
-            self.api_url, self.process, timeout, "the local Prefect server "  # type: ignore[arg-type]
+            self.api_url, self.process, timeout, "the local Prefect server "
             "(startup timeout: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)", self.log_path,
         )  # fmt: skip
 
