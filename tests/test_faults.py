@@ -405,3 +405,66 @@ def test_very_large_page_commits_with_bounded_memory(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     print(fault_table())
+
+
+# -- how a retried page looks in Prefect ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault_id", "states", "runs"),
+    [
+        ("503-then-task-retry", ["Running", "AwaitingRetry", "Retrying", "Completed"], 2),
+        ("503-forever", ["Running", "AwaitingRetry", "Retrying", "Failed"], 2),
+    ],
+)
+def test_a_retried_page_is_one_task_run_with_prefects_retry_states(
+    tmp_path: Path, api: DemoAPI, fault_id: str, states: list[str], runs: int
+) -> None:
+    """The page the fault hits is one task run, run once per try, through the states
+    Prefect's engine gives a retried task; a failure's traceback is in its logs. Pages
+    before it ran once, each under the partition's task run."""
+    from helpers import wait_for
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterTaskRunId,
+    )
+
+    path = write_config(tmp_path, api.url, {"items": SPEC})
+    injected(api, next(f for f in FAULTS if f.id == fault_id))
+    flow_run_id = sync_state(path).state_details.flow_run_id
+    hit, before = f"items · all · page {FAULT_PAGE}", f"items · all · page {FAULT_PAGE - 1}"
+    with get_client(sync_client=True) as c:
+
+        def recorded() -> dict[str, Any] | None:
+            found = c.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
+            )
+            by_name = {t.name: t for t in found}
+            done = hit in by_name and by_name[hit].state_name == states[-1]
+            return by_name if done else None
+
+        by_name = wait_for(recorded, 30, what=f"{hit} in its final state")
+        page = by_name[hit]
+        assert page.run_count == runs and page.flow_run_run_count == 1
+        history = wait_for(lambda: [s.name for s in c.read_task_run_states(page.id)]
+                           if len(c.read_task_run_states(page.id)) == len(states) else None,
+                           30, what="every state of the page's task run")  # fmt: skip
+        assert history == states
+        earlier = by_name[before]
+        assert earlier.run_count == 1 and earlier.state_name == "Completed"
+        for run in (page, earlier):
+            [parent] = run.task_inputs["__parents__"]
+            assert by_name["items · all"].id == parent.id
+        wanted = ["Retry 1/1 will start 1.0 second(s) from now"]  # task_retries: 1
+        if states[-1] == "Failed":
+            wanted += ["Retries are exhausted", "Traceback", "HTTP 503"]
+        log_filter = LogFilter(task_run_id=LogFilterTaskRunId(any_=[page.id]))
+
+        def logged() -> str | None:  # logs reach the API in batches
+            text = " ".join(log.message for log in c.read_logs(log_filter=log_filter))
+            return text if all(w in text for w in wanted) else None
+
+        wait_for(logged, 30, what=f"{wanted} in the page task run's logs")
