@@ -16,7 +16,7 @@ from conftest import STREAMS, write_config
 from helpers import assert_exactly_once, wait_for
 
 from pagesync.demo.api import DemoAPI
-from pagesync.embedded import alive
+from pagesync.procs import alive
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:

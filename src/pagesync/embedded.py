@@ -44,6 +44,7 @@ from typing import Protocol
 import httpx
 
 from .errors import ConfigError
+from .procs import alive
 
 #: What Prefect sets for its own temporary server, plus what a one-shot server can skip.
 SERVER_ENV = {
@@ -152,20 +153,6 @@ def idle_timeout() -> float:
             f"{IDLE_ENV}={raw!r}: expected seconds >= 0 (0: the server dies with its run)"
         )
     return value
-
-
-def alive(pid: int) -> bool:
-    """Whether process `pid` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from sqlmodel import Field, SQLModel
 
 from . import crashpoints, mergepatch
 from .errors import LeaseLost, StateError
+from .procs import alive
 
 SCHEMA_VERSION = 1
 
@@ -171,16 +172,6 @@ def owner_id(flow_run_id: str | None = None) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{flow_run_id or '-'}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def lease_is_free(owner: str | None, expires: float | None, me: str, now: float) -> bool:
     """Whether `me` may take a partition held by `owner` until `expires`."""
     if not owner or expires is None or expires <= now or owner == me:
@@ -191,7 +182,7 @@ def lease_is_free(owner: str | None, expires: float | None, me: str, now: float)
     my_flow_run = my_rest.partition(":")[2]
     if flow_run != "-" and flow_run == my_flow_run:
         return True  # the same flow run, retried: its earlier attempt is over
-    return host == my_host and pid.isdigit() and not _pid_alive(int(pid))
+    return host == my_host and pid.isdigit() and not alive(int(pid))
 
 
 @dataclass
