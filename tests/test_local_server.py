@@ -157,3 +157,13 @@ def test_a_bad_idle_setting_is_a_clear_error(tmp_path: Path, api: DemoAPI) -> No
     assert bad.returncode == 2, bad.stdout + bad.stderr
     assert "PAGESYNC_SERVER_IDLE='soon'" in bad.stderr and "Traceback" not in bad.stderr
     assert not _processes_with_home(home)
+
+
+def test_a_record_naming_another_process_is_no_server(tmp_path: Path) -> None:
+    """A server that died without a word, its pid since given to some other process: the
+    record is not believed, so the next run starts a server instead of waiting on it."""
+    from pagesync.embedded import ServerFiles
+
+    files = ServerFiles(tmp_path)
+    files.write({"pid": os.getpid(), "api_url": "http://127.0.0.1:9/api"})  # pytest, alive
+    assert files.read() is None

@@ -200,13 +200,19 @@ class ServerFiles:
         return self.home / "pagesync-embedded-server.log"
 
     def read(self) -> dict[str, object] | None:
-        """The server written down, if its process still lives."""
+        """The server written down, if its process still lives (and is a pagesync server:
+        a dead server's pid may have gone to another process since)."""
         try:
             rec = json.loads(self.record.read_text())
             pid = int(rec["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return rec if alive(pid) else None
+        if not alive(pid):
+            return None
+        with contextlib.suppress(OSError):  # no /proc: trust the pid
+            if b"pagesync.server_process" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return None
+        return rec
 
     def write(self, rec: dict[str, object]) -> None:
         tmp = self.record.with_suffix(".tmp")
