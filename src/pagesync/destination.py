@@ -14,6 +14,7 @@ import orjson
 from sqlalchemy import Engine, event, inspect
 from sqlalchemy.engine import Connection
 
+from .dbapi import run_on_driver
 from .errors import ExtractError
 
 META_COLUMNS = ("_pagesync_partition", "_pagesync_page", "_pagesync_synced_at")
@@ -176,12 +177,7 @@ class Destination:
             if any(row[idx] is None for row in rows):
                 key = list(table.columns)[idx]
                 raise ExtractError(f"a record has no primary key field {key!r}", transient=False)
-        # Straight to the driver, inside the caller's transaction: no per-row wrapping.
-        cursor = conn.connection.cursor()
-        try:
-            cursor.executemany(table.sql, rows)
-        finally:
-            cursor.close()
+        run_on_driver(conn, table.sql, rows, many=True)  # no per-row wrapping
         return len(rows)
 
     @staticmethod
@@ -232,11 +228,7 @@ class Destination:
         rows = [
             (partition, page, error, orjson.dumps(rec).decode(), now) for rec, error in rejected
         ]
-        cursor = conn.connection.cursor()
-        try:
-            cursor.executemany(f"INSERT INTO {name} VALUES ({', '.join([mark] * 5)})", rows)
-        finally:
-            cursor.close()
+        run_on_driver(conn, f"INSERT INTO {name} VALUES ({', '.join([mark] * 5)})", rows, many=True)
 
     def _forget_on_rollback(self, conn: Connection, name: str) -> None:
         """DDL runs in the caller's transaction: if that rolls back, so does our knowledge."""

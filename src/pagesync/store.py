@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Field, SQLModel
 
 from . import crashpoints, mergepatch
+from .dbapi import run_on_driver
 from .errors import LeaseLost, StateError
 from .procs import alive
 
@@ -204,7 +205,7 @@ class Lease:
 
 class _CheckpointSQL:
     """The two statements of every checkpoint (page log rows, then the compare-and-swap),
-    as the driver's SQL text, run on its cursor inside the caller's transaction.
+    as the driver's SQL text, for `run_on_driver` inside the caller's transaction.
 
     Built through SQLAlchemy each time they cost more CPU than the page's records (measured:
     about 2 ms a page, expressions, cache keys and bind processing); the text is fixed, so
@@ -218,8 +219,9 @@ class _CheckpointSQL:
     def __init__(self, engine: Engine) -> None:
         dialect = engine.dialect
         q = dialect.identifier_preparer.quote_identifier
-        named = dialect.paramstyle in ("named", "qmark", "numeric")
-        mark = (lambda n: f":{n}") if named else (lambda n: f"%({n})s")
+        # psycopg binds %(name)s; sqlite3 binds :name whatever paramstyle it declares.
+        pyformat = dialect.paramstyle == "pyformat"
+        mark = (lambda n: f"%({n})s") if pyformat else (lambda n: f":{n}")
         stamp_type = L.c.committed_at.type.dialect_impl(dialect)
         self.stamp = stamp_type.bind_processor(dialect) or (lambda v: v)
         self.log = (
@@ -240,17 +242,6 @@ class _CheckpointSQL:
             f"AND {q('partition')} = {mark('w_partition')} AND {q('version')} = "
             f"{mark('w_version')} AND {q('lease_owner')} = {mark('w_owner')}"
         )
-
-    def run(self, conn: Connection, sql: str, params: Any, many: bool = False) -> int:
-        cursor = conn.connection.cursor()
-        try:
-            if many:
-                cursor.executemany(sql, params)
-            else:
-                cursor.execute(sql, params)
-            return int(cursor.rowcount)
-        finally:
-            cursor.close()
 
 
 class Store:
@@ -416,11 +407,11 @@ class Store:
         now = sql.stamp(utcnow())
         if lease.log:
             rows = [{**dict.fromkeys(sql.LOG), **e, "committed_at": now} for e in lease.log]
-            sql.run(conn, sql.log, rows, many=True)
+            run_on_driver(conn, sql.log, rows, many=True)
         new_state = mergepatch.apply(lease.state, patch)
         pages = lease.pages + len(lease.log)
         records = lease.records + sum(entry["records"] for entry in lease.log)
-        done = sql.run(conn, sql.cas, {
+        done = run_on_driver(conn, sql.cas, {
             "state": dumps(new_state), "version": lease.version + 1, "pages": pages,
             "records": records, "updated_at": now,
             "lease_expires": None if release else time.time() + lease.ttl,
