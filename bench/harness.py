@@ -3,7 +3,6 @@ environments, and reading results back from the databases."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -21,7 +20,8 @@ import httpx
 import psutil
 import yaml
 
-from pagesync.embedded import free_port, wait_until_healthy
+from pagesync import embedded
+from pagesync.embedded import ServerFiles, free_port, wait_until_healthy
 
 BENCH = Path(__file__).resolve().parent
 PREFECT_HOME = BENCH / ".prefect-home"
@@ -195,15 +195,11 @@ def sqlite_url(path: Path) -> str:
 # --------------------------------------------------------------------------- commands
 
 
-def pagesync_base() -> list[str]:
-    """`pagesync`: the console script of this interpreter."""
-    script = Path(sys.executable).parent / "pagesync"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "pagesync.cli"]
-
-
 def pagesync_cmd(stream: str, config: Path) -> list[str]:
-    """`pagesync run STREAM -c CONFIG`."""
-    return [*pagesync_base(), "run", stream, "-c", str(config)]
+    """`pagesync run STREAM -c CONFIG`, with the console script of this interpreter."""
+    script = Path(sys.executable).parent / "pagesync"
+    base = [str(script)] if script.exists() else [sys.executable, "-m", "pagesync.cli"]
+    return [*base, "run", stream, "-c", str(config)]
 
 
 def raw_cmd(url: str, *args: str) -> list[str]:
@@ -222,17 +218,16 @@ def pagesync_env(cold: bool = False) -> dict[str, str]:
 
 def local_server() -> psutil.Process | None:
     """The local Prefect server kept for the bench's PREFECT_HOME, if one runs."""
+    rec = ServerFiles(PREFECT_HOME).read()
     try:
-        rec = json.loads((PREFECT_HOME / "pagesync-server.json").read_text())
-        return psutil.Process(int(rec["pid"]))
-    except (OSError, ValueError, KeyError, psutil.Error):
+        return psutil.Process(int(str(rec["pid"]))) if rec else None
+    except psutil.Error:
         return None
 
 
 def stop_local_server() -> None:
     """`pagesync server stop` for the bench's PREFECT_HOME."""
-    subprocess.run([*pagesync_base(), "server", "stop"], env=pagesync_env(),
-                   capture_output=True, timeout=60)  # fmt: skip
+    embedded.stop_local_server(ServerFiles(PREFECT_HOME))
 
 
 def plain_env() -> dict[str, str]:

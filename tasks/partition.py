@@ -1,4 +1,4 @@
-"""The partition task: a Prefect task per partition, its pages task runs under it.
+"""The partition task: a Prefect task per partition, with its pages' task runs under it.
 
 All the work is the engine's (`pagesync.engine`); the partition task walks the partition
 and gives each page a task run of its own (`pages.PageTaskRuns`), named

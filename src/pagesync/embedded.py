@@ -199,20 +199,24 @@ class ServerFiles:
     def log(self) -> Path:
         return self.home / "pagesync-embedded-server.log"
 
+    def _recorded(self) -> tuple[dict[str, object], int] | None:
+        """The record as written, and its server's pid; None if there is none to read."""
+        try:
+            rec = json.loads(self.record.read_text())
+            return rec, int(rec["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def read(self) -> dict[str, object] | None:
         """The server written down, if its process still lives (and is a pagesync server:
         a dead server's pid may have gone to another process since)."""
-        try:
-            rec = json.loads(self.record.read_text())
-            pid = int(rec["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        if not alive(pid):
+        found = self._recorded()
+        if found is None or not alive(found[1]):
             return None
         with contextlib.suppress(OSError):  # no /proc: trust the pid
-            if b"pagesync.server_process" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"pagesync.server_process" not in Path(f"/proc/{found[1]}/cmdline").read_bytes():
                 return None
-        return rec
+        return found[0]
 
     def write(self, rec: dict[str, object]) -> None:
         tmp = self.record.with_suffix(".tmp")
@@ -221,9 +225,9 @@ class ServerFiles:
 
     def forget(self, pid: int) -> None:
         """Remove the record if it still names server `pid`."""
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            if int(json.loads(self.record.read_text())["pid"]) == pid:
-                self.record.unlink()
+        found = self._recorded()
+        if found is not None and found[1] == pid:
+            self.record.unlink(missing_ok=True)
 
     def join(self, pid: int) -> Path:
         self.clients.mkdir(exist_ok=True)
@@ -301,14 +305,14 @@ class LocalServer:
         return server
 
     @classmethod
-    def find(cls, files: ServerFiles, idle: float) -> LocalServer | None:
+    def find(cls, files: ServerFiles) -> LocalServer | None:
         """The server written down for this PREFECT_HOME, if it lives and was started from
         this environment with this Prefect (else it is left to leave when idle)."""
         rec = files.read()
         if rec is None or any(rec.get(k) != v for k, v in _identity().items()):
             return None
         return cls(str(rec["api_url"]), _Pid(int(str(rec["pid"]))), files.log,
-                   reused=True, idle=float(str(rec.get("idle", idle))))  # fmt: skip
+                   reused=True, idle=float(str(rec["idle"])))  # fmt: skip
 
     def wait(self, timeout: float) -> None:
         """Until the server answers; a clear error if it exits or never answers."""
@@ -336,7 +340,7 @@ def start_if_needed() -> LocalServer | None:
         server = LocalServer.start(files, idle)
     else:
         with locked(files.lock):
-            server = LocalServer.find(files, idle) or LocalServer.start(files, idle)
+            server = LocalServer.find(files) or LocalServer.start(files, idle)
             me = files.join(os.getpid())
         # Registered before Prefect is imported: runs after Prefect's exit handlers.
         atexit.register(me.unlink, missing_ok=True)
@@ -344,10 +348,12 @@ def start_if_needed() -> LocalServer | None:
     return server
 
 
-def stop_local_server(timeout: float = 30.0) -> dict[str, object] | None:
-    """Stop this PREFECT_HOME's kept server (`pagesync server stop`); its record, or None
-    when none runs."""
-    files = ServerFiles.here()
+def stop_local_server(
+    files: ServerFiles | None = None, timeout: float = 30.0
+) -> dict[str, object] | None:
+    """Stop the kept server of `files` (default: this PREFECT_HOME's; `pagesync server
+    stop`); its record, or None when none runs."""
+    files = files or ServerFiles.here()
     rec = files.read()
     if rec is None:
         return None

@@ -92,7 +92,7 @@ def run_stream(
         state = _in_thread(
             lambda: _run_flow(
                 flow,
-                embedded=server is not None,
+                local=server is not None,
                 stream=stream,
                 config=str(config.path) if config.path else None,
                 return_state=True,
@@ -131,14 +131,14 @@ def server_note(server: embedded.LocalServer) -> str:
     )
 
 
-def _run_flow(flow: Any, *, embedded: bool, **kwargs: Any) -> Any:
+def _run_flow(flow: Any, *, local: bool, **kwargs: Any) -> Any:
     """Call the flow; on our local server, without flow-run heartbeats.
 
     Heartbeats let a server notice a run whose process died, through an automation; the
     local server runs no automations, so they are of no use there, and stopping their
     thread costs up to a second at the end of every run.
     """
-    if not embedded:
+    if not local:
         return flow(**kwargs)
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
