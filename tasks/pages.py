@@ -49,7 +49,7 @@ class PageTaskRuns:
         flow_ctx, task_ctx = FlowRunContext.get(), TaskRunContext.get()
         self.flow_run = flow_ctx.flow_run if flow_ctx else None
         self.parent = task_ctx.task_run if task_ctx else None
-        self.name = f"{stream} · {partition} · page {{}}"
+        self.prefix = f"{stream} · {partition} · page "  # keys may hold braces: no format()
         self.retries = retries
         self.delay = delay
 
@@ -88,7 +88,7 @@ class PageTaskRuns:
         task_run_id = uuid.uuid4()
         return TaskRun(
             id=task_run_id,
-            name=self.name.format(page),
+            name=f"{self.prefix}{page}",
             flow_run_id=flow_run.id if flow_run else None,
             task_key=TASK_KEY,
             dynamic_key=str(task_run_id),  # unique: a retried flow run gets new page runs
@@ -123,12 +123,8 @@ class _Recorded:
             tr.end_time = state.timestamp
         if tr.expected_start_time is None:
             tr.expected_start_time = state.timestamp
-        tr.state, tr.state_id, tr.state_type, tr.state_name = (
-            state,
-            state.id,
-            state.type,
-            state.name,
-        )
+        tr.state, tr.state_id = state, state.id
+        tr.state_type, tr.state_name = state.type, state.name
         self.event = emit_task_run_state_change_event(
             task_run=tr, initial_state=last, validated_state=state, follows=self.event
         )
