@@ -225,6 +225,21 @@ def local_server() -> psutil.Process | None:
         return None
 
 
+def warm_process() -> psutil.Process | None:
+    """The warm pagesync process of the bench's PREFECT_HOME, if one runs."""
+    for proc in psutil.process_iter(["cmdline", "ppid"]):
+        try:
+            if (
+                proc.info["cmdline"][-2:] == ["-m", "pagesync.warm"]
+                and proc.environ().get("PREFECT_HOME") == str(PREFECT_HOME)
+                and "pagesync.warm" not in " ".join(psutil.Process(proc.info["ppid"]).cmdline())
+            ):
+                return proc  # fmt: skip
+        except (psutil.Error, TypeError):
+            continue
+    return None
+
+
 def stop_local_server() -> None:
     """`pagesync server stop` for the bench's PREFECT_HOME."""
     embedded.stop_local_server(ServerFiles(PREFECT_HOME))

@@ -61,6 +61,7 @@ from harness import (
     sqlite_count,
     sqlite_url,
     stop_local_server,
+    warm_process,
     write_config,
 )
 from measure import Measurement, measure
@@ -215,7 +216,8 @@ class Bench:
             watch["server"] = self.server.process
         elif prefect and not self.args.cold and (kept := local_server()) is not None:
             watch["server"] = kept
-        m = measure(cmd, env, log=self.work / f"{label}.log", watch=watch,
+        warm = warm_process() if prefect else None
+        m = measure(cmd, env, log=self.work / f"{label}.log", watch=watch, warm=warm,
                     timeout=self.args.timeout)  # fmt: skip
         return m
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
 
-from . import embedded
+from . import embedded, warm
 from .config import Config
 from .engine import PartitionOutcome
-from .prefect_env import configure
+from .prefect_env import configure, reload_prefect_settings
 
 
 @dataclass
@@ -74,6 +75,8 @@ def run_stream(
     server = embedded.start_if_needed()  # starts while Prefect is imported below
     if server is not None:
         console.print(f"[dim]{server_note(server)}[/dim]", highlight=False)
+    if "prefect" in sys.modules:  # imported before the settings above: a warm child
+        reload_prefect_settings()
     from pagesync.flows import stream as flows_stream  # Prefect is imported only here
 
     if server is not None:
@@ -105,6 +108,8 @@ def run_stream(
         logging.getLogger("pagesync").removeHandler(handler)
         for signum, old in previous.items():
             signal.signal(signum, old)
+    if server is not None:
+        warm.start_after(server)
     report = RunReport(stream, ok=state.is_completed() and not stopped, outcomes=collector.outcomes)
     report.signal = stopped[0] if stopped else None
     report.flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None

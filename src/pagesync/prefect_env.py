@@ -25,3 +25,13 @@ DEFAULTS = {
 def configure() -> None:
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def reload_prefect_settings() -> None:
+    """Make an already imported Prefect read its settings and logging levels from the
+    environment again (a warm child: Prefect was imported before this run's settings)."""
+    from prefect.context import refresh_global_settings_context
+    from prefect.logging.configuration import setup_logging
+
+    refresh_global_settings_context()
+    setup_logging()  # incremental: the handlers stay, their levels follow the settings

@@ -1,0 +1,5 @@
+"""`python -m pagesync`: the `pagesync` command."""
+
+from pagesync.warm import main
+
+main()
