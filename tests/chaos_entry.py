@@ -16,7 +16,6 @@ half applied, shows in the state.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -61,7 +60,7 @@ def child(request: dict[str, Any]) -> None:
     os.close(fd)
     from pagesync import crashpoints
 
-    importlib.reload(crashpoints)  # it reads PAGESYNC_CRASH_AT when imported
+    crashpoints.load()  # this run's PAGESYNC_CRASH_AT
     install(int(os.environ.get("PAGESYNC_CHAOS_SCHEMA", BASE_SCHEMA)))
     from pagesync.cli import main
 

@@ -43,6 +43,13 @@ def _warm(home: Path) -> tuple[list[int], list[int]]:
     return servers, [p for p in pids if p not in servers]
 
 
+def _forks(home: Path) -> list[str]:
+    """The commands the warm process forked, from its log."""
+    log = home / "pagesync-warm.log"
+    text = log.read_text() if log.exists() else ""
+    return [line.split(": ", 1)[1] for line in text.splitlines() if " forked " in line]
+
+
 def test_a_warm_process_runs_the_next_runs_and_dies_with_its_server(
     tmp_path: Path, api: DemoAPI
 ) -> None:
@@ -80,12 +87,14 @@ def test_a_warm_process_runs_the_next_runs_and_dies_with_its_server(
         f"sqlite:///{tmp_path / 'second' / 'pagesync.db'}", "items", [i["id"] for i in api.items]
     )
     assert _warm(home)[0] == [warm]
+    assert _forks(home) == ["pagesync run"] * 2  # the killed run and this one
 
     # Exit codes and errors pass through; a crash point's SIGKILL kills the caller too.
     bad = _pagesync(env, "run", "nosuch", "-c", str(second))
     assert bad.returncode == 2 and "unknown stream 'nosuch'" in bad.stderr, bad.stderr
     crashed = _pagesync({**env, "PAGESYNC_CRASH_AT": "plan:1"}, "run", "items", "-c", str(second))
     assert crashed.returncode == -signal.SIGKILL, crashed.stdout + crashed.stderr
+    assert _forks(home) == ["pagesync run"] * 4  # both ran in the warm process
 
     stopped = _pagesync(env, "server", "stop")
     assert stopped.returncode == 0, stopped.stderr
@@ -109,10 +118,11 @@ def test_a_different_environment_or_warm_off_runs_in_its_own_process(
         )  # fmt: skip
         wait_for(lambda: api.requests, 120, what="the run's first request")  # noqa: B023
         assert _warm(home)[1] == [], changed  # no fork: the caller runs it itself
-        assert caller.pid in _processes_with_home(home)
+        assert len(os.listdir(f"/proc/{caller.pid}/task")) > 1  # its flow's threads
         caller.send_signal(signal.SIGKILL)
         assert caller.wait(60) == -signal.SIGKILL
         api.clear_faults()
     assert _pagesync(env, "server", "stop").returncode == 0
     wait_for(lambda: not alive(warm), 30, what="the warm process to follow its server")
     assert not os.path.exists(home / "pagesync-server.json")
+    assert _forks(home) == []

@@ -21,17 +21,28 @@ POINTS = (
     "after_commit",
 )
 
-_spec = os.environ.get("PAGESYNC_CRASH_AT")
 _target: tuple[str, int] | None = None
-if _spec:
-    _name, _, _n = _spec.partition(":")
-    if _name not in POINTS:
-        raise ValueError(
-            f"PAGESYNC_CRASH_AT: unknown point {_name!r} (points: {', '.join(POINTS)})"
-        )
-    _target = (_name, int(_n or 1))
 _counts: dict[str, int] = {}
 _lock = threading.Lock()
+
+
+def load() -> None:
+    """Read PAGESYNC_CRASH_AT (at import, and again in a process forked with a new
+    environment: a warm child, the chaos test's runs), and start counting afresh."""
+    global _target
+    spec = os.environ.get("PAGESYNC_CRASH_AT")
+    _target = None
+    _counts.clear()
+    if spec:
+        name, _, n = spec.partition(":")
+        if name not in POINTS:
+            raise ValueError(
+                f"PAGESYNC_CRASH_AT: unknown point {name!r} (points: {', '.join(POINTS)})"
+            )
+        _target = (name, int(n or 1))
+
+
+load()
 
 
 def reached(point: str) -> None:

@@ -44,6 +44,7 @@ from typing import Protocol
 import httpx
 
 from .errors import ConfigError
+from .prefect_env import prefect_home
 from .procs import alive
 
 #: What Prefect sets for its own temporary server, plus what a one-shot server can skip.
@@ -82,7 +83,7 @@ def api_configured(cwd: Path | None = None) -> bool:
             name != ".env" and "[api]" in text.replace("tool.prefect.", "")
         ):
             return True
-    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    home = prefect_home()
     profiles = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
     try:
         data = tomllib.loads(profiles.read_text())
@@ -179,7 +180,7 @@ class ServerFiles:
 
     @classmethod
     def here(cls) -> ServerFiles:
-        home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+        home = prefect_home()
         home.mkdir(parents=True, exist_ok=True)
         return cls(home)
 

@@ -9,6 +9,8 @@ flow run's logs in the UI.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from pathlib import Path
 
 DEFAULTS = {
     # The first start of the embedded server migrates its database: 10-20 s, sometimes more.
@@ -20,6 +22,12 @@ DEFAULTS = {
     # Warnings and failures (with their tracebacks) still reach the logs.
     "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "WARNING",
 }
+
+
+def prefect_home(env: Mapping[str, str] = os.environ) -> Path:
+    """PREFECT_HOME as Prefect resolves it, read without importing Prefect (the local
+    server, its runs and the warm process all live there)."""
+    return Path(env.get("PREFECT_HOME", "~/.prefect")).expanduser()
 
 
 def configure() -> None:

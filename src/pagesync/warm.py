@@ -43,7 +43,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from .prefect_env import prefect_home
+
+if TYPE_CHECKING:
+    from .embedded import LocalServer
 
 #: The commands run in a warm child; others are quick without Prefect and run here.
 FORWARDED = frozenset({"run", "demo"})
@@ -53,21 +58,14 @@ IMPORT_ENV_PREFIXES = ("PREFECT_", "PYTHON", "LC_")
 IMPORT_ENV_NAMES = frozenset({"LANG", "TZ"})
 #: How often an idle warm process asks itself whether to leave.
 TICK = 1.0
-#: Set in a warm child: this process was forked from the warm process.
-IN_CHILD = False
 #: The environment this command was started with, before pagesync changed any of it: a
 #: warm process started by this run gets exactly this one. None outside the `pagesync`
-#: command (e.g. `python -m pagesync.cli`, or pagesync used as a library).
+#: command (e.g. `python -m pagesync.cli`, pagesync used as a library, a warm child).
 ORIGINAL_ENV: dict[str, str] | None = None
 
 
 def enabled(env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
     return env.get(ENV, "1").strip() not in ("0", "false", "no", "off")
-
-
-def home(env: dict[str, str] | os._Environ[str] = os.environ) -> Path:
-    """PREFECT_HOME, as `pagesync.embedded.ServerFiles` finds it."""
-    return Path(env.get("PREFECT_HOME", "~/.prefect")).expanduser()
 
 
 def _code_files() -> list[Path]:
@@ -101,7 +99,7 @@ def address(env: dict[str, str] | os._Environ[str] = os.environ, stamp: str | No
     )
     identity = json.dumps(
         [
-            str(home(env)),
+            str(prefect_home(env)),
             sys.executable,
             sys.version,
             seen,
@@ -200,7 +198,7 @@ def _wait_for(pid: int) -> int:
 def start(env: dict[str, str]) -> None:
     """Start a warm process for commands run in `env` (the caller's original environment),
     detached; if one already serves them, it leaves at once."""
-    log = home(env) / "pagesync-warm.log"
+    log = prefect_home(env) / "pagesync-warm.log"
     with contextlib.suppress(OSError), log.open("ab") as out:
         subprocess.Popen(
             [sys.executable, "-m", "pagesync.warm"], env=env, stdin=subprocess.DEVNULL,
@@ -208,11 +206,11 @@ def start(env: dict[str, str]) -> None:
         )  # fmt: skip
 
 
-def start_after(server: Any) -> None:
+def start_after(server: LocalServer) -> None:
     """At the end of a run on the kept local server `server`: start a warm process for
     the runs after it, unless this run is in one, or it was not started by the `pagesync`
     command, or warm processes are off."""
-    if IN_CHILD or ORIGINAL_ENV is None or not enabled(ORIGINAL_ENV) or server.idle == 0:
+    if ORIGINAL_ENV is None or not enabled(ORIGINAL_ENV) or server.idle == 0:
         return
     start(ORIGINAL_ENV)
 
@@ -271,7 +269,7 @@ def serve() -> int:
     launch.quiet_prefect(verbose=False)  # as a run sets it before Prefect is imported
     for module in PRELOAD:
         importlib.import_module(module)
-    files = embedded.ServerFiles(home())
+    files = embedded.ServerFiles(prefect_home())
     gc.collect()
     gc.freeze()  # the children share these pages instead of copying them when gc runs
 
@@ -321,6 +319,8 @@ def _accept(
             os._exit(70)
     for fd in fds:
         os.close(fd)
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} forked {pid}: pagesync {request['args'][0]}",
+          flush=True)  # fmt: skip
     pidfd = os.pidfd_open(pid)
     children[pidfd] = (pid, conn)
     sel.register(pidfd, selectors.EVENT_READ)
@@ -341,8 +341,6 @@ def _report(pid: int, conn: socket.socket) -> None:
 
 def _child(conn: socket.socket, fds: list[int], request: dict[str, Any], others: list[int]) -> None:
     """In the forked child: become the caller's `pagesync ARGS` process, then run it."""
-    global IN_CHILD
-    IN_CHILD = True
     for fd in others:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -362,11 +360,9 @@ def _child(conn: socket.socket, fds: list[int], request: dict[str, Any], others:
     threading.Thread(target=_die_with_caller, args=(conn,), daemon=True).start()
     sys.argv = ["pagesync", *request["args"]]
 
-    import importlib
-
     from . import crashpoints
 
-    importlib.reload(crashpoints)  # it reads PAGESYNC_CRASH_AT when imported
+    crashpoints.load()  # this run's PAGESYNC_CRASH_AT
     from .cli import main as cli_main
 
     try:
