@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from . import tls
 from .config import Config, load_config
 from .errors import ConfigError, PagesyncError
 
@@ -443,6 +444,8 @@ def server_stop(
 
 def main() -> None:
     from . import cli_deploy  # noqa: F401  (registers up and deploy on `app`)
+
+    tls.install()  # before any HTTP client: a run makes seven (see tls)
 
     try:
         app()

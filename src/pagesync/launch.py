@@ -143,9 +143,10 @@ def _run_flow(flow: Any, *, local: bool, **kwargs: Any) -> Any:
     local server runs no automations, so they are of no use there, and stopping their
     thread costs up to a second at the end of every run.
     """
-    if not local:
-        return flow(**kwargs)
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    if not local or PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None:  # None: Prefect's default
+        return flow(**kwargs)
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         return flow(**kwargs)

@@ -70,7 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     files = ServerFiles(args.home)
     activity = Activity(create_app())
     server = uvicorn.Server(
-        uvicorn.Config(activity, host="127.0.0.1", port=args.port, log_level="error", lifespan="on")
+        uvicorn.Config(
+            activity,
+            host="127.0.0.1",
+            port=args.port,
+            log_level="error",
+            lifespan="on",
+            # Loopback only: compressing each event on the websocket costs both ends CPU
+            # and saves nothing.
+            ws_per_message_deflate=False,
+        )
     )
 
     async def serve() -> None:

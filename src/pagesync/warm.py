@@ -216,10 +216,17 @@ def start_after(server: LocalServer) -> None:
 
 
 #: What a run imports, imported once here (measured: the rest costs a few milliseconds).
+#: Some are imported by Prefect only inside a flow run: fastapi's encoder for the flow's
+#: parameters (100 ms), the visualisation helpers, anyio's backend for cancel scopes.
 PRELOAD = (
     "prefect",
     "prefect.flows",
     "prefect.flow_engine",
+    "prefect.utilities.visualization",
+    "fastapi.encoders",
+    "anyio._backends._asyncio",
+    "encodings.idna",
+    "sqlite3",
     "prefect.tasks",
     "prefect.task_engine",
     "prefect.events.worker",
@@ -238,7 +245,10 @@ PRELOAD = (
     "rich.live",
     "rich.progress",
     "rich.table",
+    "pagesync.cli",
+    "pagesync.cli_deploy",
     "pagesync.launch",
+    "pagesync.progress",
     "pagesync.flows.stream",
     "pagesync.tasks.pages",
     "pagesync.tasks.partition",
