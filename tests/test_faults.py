@@ -468,3 +468,49 @@ def test_a_retried_page_is_one_task_run_with_prefects_retry_states(
             return text if all(w in text for w in wanted) else None
 
         wait_for(logged, 30, what=f"{wanted} in the page task run's logs")
+
+
+def test_a_page_shows_as_running_only_when_it_runs_long_enough_to_be_seen(
+    tmp_path: Path, api: DemoAPI
+) -> None:
+    """A fast page is one Completed event (its Running state folded in: start time, run
+    count and run time are the task run's); a page still running after RUNNING_AFTER
+    seconds was sent as Running while it ran."""
+    from helpers import wait_for
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from pagesync.tasks.pages import RUNNING_AFTER
+
+    path = write_config(tmp_path, api.url, {"items": SPEC})
+    delay = RUNNING_AFTER * 2.5
+    api.add_faults([{"kind": "slow", "delay": delay, "path": PATH, "after": FAULT_PAGE - 1}])
+    flow_run_id = sync_state(path).state_details.flow_run_id
+    slow, fast = f"items · all · page {FAULT_PAGE}", f"items · all · page {FAULT_PAGE - 1}"
+    with get_client(sync_client=True) as c:
+
+        def recorded() -> dict[str, Any] | None:
+            found = c.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
+            )
+            by_name = {t.name: t for t in found}
+            pages = [t for t in found if " · page " in t.name]
+            done = len(pages) == 10 and all(t.state_name == "Completed" for t in pages)
+            return by_name if done else None
+
+        by_name = wait_for(recorded, 30, what="10 completed page task runs")
+
+        def states(name: str, count: int) -> list[str] | None:
+            found = [s.name for s in c.read_task_run_states(by_name[name].id)]
+            return found if len(found) == count else None
+
+        assert wait_for(lambda: states(fast, 1), 30, what="the fast page's state") == ["Completed"]
+        assert wait_for(lambda: states(slow, 2), 30, what="the slow page's states") == [
+            "Running",
+            "Completed",
+        ]
+        for name in (fast, slow):
+            run = by_name[name]
+            assert run.run_count == 1 and run.start_time and run.end_time
+            assert run.start_time < run.end_time and run.total_run_time.total_seconds() > 0
+        assert by_name[slow].total_run_time.total_seconds() > RUNNING_AFTER

@@ -167,3 +167,37 @@ def test_a_record_naming_another_process_is_no_server(tmp_path: Path) -> None:
     files = ServerFiles(tmp_path)
     files.write({"pid": os.getpid(), "api_url": "http://127.0.0.1:9/api"})  # pytest, alive
     assert files.read() is None
+
+
+def test_runs_on_the_local_server_send_no_heartbeats(prefect_api_url: str) -> None:
+    """Heartbeats only serve automations, which the local server does not run; joining
+    their thread cost up to a second per run. Elsewhere the user's setting stands."""
+    from prefect import flow
+    from prefect.settings import get_current_settings
+
+    from pagesync.launch import _run_flow
+
+    @flow(persist_result=False)
+    def heartbeat_seen() -> int | None:
+        return get_current_settings().flows.heartbeat_frequency
+
+    before = get_current_settings().flows.heartbeat_frequency
+    assert before is not None  # Prefect's default sends them
+    assert _run_flow(heartbeat_seen, local=True) is None
+    assert _run_flow(heartbeat_seen, local=False) == before
+    assert get_current_settings().flows.heartbeat_frequency == before
+
+
+def test_runs_keep_the_garbage_collector_out_of_the_page_loop() -> None:
+    import gc
+
+    from pagesync.launch import GC_THRESHOLD, quiet_gc
+
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    try:
+        quiet_gc()
+        assert gc.get_threshold() == (GC_THRESHOLD, *before[1:])
+        assert gc.get_freeze_count() > frozen  # what is imported is no longer scanned
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()

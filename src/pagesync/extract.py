@@ -36,7 +36,7 @@ def dig(obj: Any, path: str | None, default: Any = _MISSING) -> Any:
 
 def parse_body(content: bytes, content_type: str | None = None) -> Any:
     """Parse a JSON body; an empty, HTML or broken body is an ExtractError (worth a retry)."""
-    if not content.strip():
+    if not content or content.isspace():  # not strip(): that copies the body
         raise ExtractError("empty response body where JSON was expected")
     try:
         return orjson.loads(content)

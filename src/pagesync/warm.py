@@ -274,12 +274,17 @@ def serve() -> int:
     except OSError:
         return 0  # another warm process serves this name
     listener.listen(16)
-    from . import embedded, launch
+    from . import embedded, launch, prefect_env
 
-    launch.quiet_prefect(verbose=False)  # as a run sets it before Prefect is imported
+    # The environment a run gives Prefect, so that a run's child need not set up Prefect's
+    # settings and logging again (prefect_env.reload_prefect_settings).
+    launch.quiet_prefect(verbose=False)
+    files = embedded.ServerFiles(prefect_home())
+    if (record := files.read()) is not None:
+        os.environ["PREFECT_API_URL"] = str(record["api_url"])
     for module in PRELOAD:
         importlib.import_module(module)
-    files = embedded.ServerFiles(prefect_home())
+    prefect_env.settings_loaded()
     gc.collect()
     gc.freeze()  # the children share these pages instead of copying them when gc runs
 
