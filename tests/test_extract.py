@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from pagesync.errors import ExtractError
-from pagesync.extract import dig, parse_body, records_at
+from pagesync.extract import dig, parse_body, records_at, values_at
 
 BODY: dict[str, Any] = {
     "data": {"items": [{"id": 1, "tags": ["a", "b"]}, {"id": 2, "tags": []}], "total": 2},
@@ -156,3 +156,10 @@ def test_records_at_list_of_scalars_is_an_error() -> None:
 def test_records_at_null_is_no_records() -> None:
     assert records_at({"data": {"items": None}}, "data.items") == []
     assert records_at({"data": []}, "data") == []
+
+
+def test_values_at_reads_plain_and_dotted_fields_and_skips_nulls() -> None:
+    records = [{"t": 3, "m": {"u": "b"}}, {"t": None, "m": {}}, {"m": {"u": "a"}}, {"t": 1}]
+    assert values_at(records, "t") == [3, 1]
+    assert values_at(records, "m.u") == ["b", "a"]
+    assert values_at([[5], {"t": 2}], "t") == [2]  # a record that is not an object has none

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import islice
 from typing import Any, Protocol
 
 import httpx
@@ -27,7 +28,7 @@ from . import config as cfg
 from . import crashpoints, mergepatch
 from .destination import Destination
 from .errors import ExtractError, LeaseLost, PageError, PagesyncError, PaginationLoop, Stopped
-from .extract import dig
+from .extract import values_at
 from .http import RateLimiter, SourceClient
 from .paginators import PageRequest, Token
 from .partitions import PartitionSpec, plan
@@ -360,13 +361,13 @@ class PartitionRun:
 
     def _track_cursor(self, records: list[dict[str, Any]]) -> None:
         pos, field_ = self._position, self.cursor_field
-        values = [v for v in (dig(r, field_, None) for r in records) if v is not None]
+        values = values_at(records, field_)
         if not values:
             return
         prev = pos.get("cursor")
         try:
             top = max(values)
-            ordered = all(a <= b for a, b in pairwise(values)) and (
+            ordered = all(map(operator.le, values, islice(values, 1, None))) and (
                 prev is None or values[0] >= prev
             )
             pos["cursor"] = top if prev is None else max(prev, top)
