@@ -410,6 +410,24 @@ if __name__ == "__main__":
 # -- how a retried page looks in Prefect ------------------------------------------------------
 
 
+def task_runs_once(
+    c: Any, flow_run_id: Any, done: Callable[[dict[str, Any]], bool], *, what: str
+) -> dict[str, Any]:
+    """The flow run's task runs by name, once `done` holds for them (task runs reach the
+    API through events, a moment after the flow run ends)."""
+    from helpers import wait_for
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    def recorded() -> dict[str, Any] | None:
+        found = c.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
+        )
+        by_name = {t.name: t for t in found}
+        return by_name if done(by_name) else None
+
+    return wait_for(recorded, 30, what=what)
+
+
 @pytest.mark.parametrize(
     ("fault_id", "states", "runs"),
     [
@@ -426,8 +444,6 @@ def test_a_retried_page_is_one_task_run_with_prefects_retry_states(
     from helpers import wait_for
     from prefect import get_client
     from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterId,
         LogFilter,
         LogFilterTaskRunId,
     )
@@ -437,16 +453,10 @@ def test_a_retried_page_is_one_task_run_with_prefects_retry_states(
     flow_run_id = sync_state(path).state_details.flow_run_id
     hit, before = f"items · all · page {FAULT_PAGE}", f"items · all · page {FAULT_PAGE - 1}"
     with get_client(sync_client=True) as c:
-
-        def recorded() -> dict[str, Any] | None:
-            found = c.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
-            )
-            by_name = {t.name: t for t in found}
-            done = hit in by_name and by_name[hit].state_name == states[-1]
-            return by_name if done else None
-
-        by_name = wait_for(recorded, 30, what=f"{hit} in its final state")
+        by_name = task_runs_once(
+            c, flow_run_id, lambda runs: hit in runs and runs[hit].state_name == states[-1],
+            what=f"{hit} in its final state",
+        )  # fmt: skip
         page = by_name[hit]
         assert page.run_count == runs and page.flow_run_run_count == 1
         history = wait_for(lambda: [s.name for s in c.read_task_run_states(page.id)]
@@ -478,7 +488,6 @@ def test_a_page_shows_as_running_only_when_it_runs_long_enough_to_be_seen(
     seconds was sent as Running while it ran."""
     from helpers import wait_for
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from pagesync.tasks.pages import RUNNING_AFTER
 
@@ -489,16 +498,11 @@ def test_a_page_shows_as_running_only_when_it_runs_long_enough_to_be_seen(
     slow, fast = f"items · all · page {FAULT_PAGE}", f"items · all · page {FAULT_PAGE - 1}"
     with get_client(sync_client=True) as c:
 
-        def recorded() -> dict[str, Any] | None:
-            found = c.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
-            )
-            by_name = {t.name: t for t in found}
-            pages = [t for t in found if " · page " in t.name]
-            done = len(pages) == 10 and all(t.state_name == "Completed" for t in pages)
-            return by_name if done else None
+        def all_completed(runs: dict[str, Any]) -> bool:
+            pages = [t for name, t in runs.items() if " · page " in name]
+            return len(pages) == 10 and all(t.state_name == "Completed" for t in pages)
 
-        by_name = wait_for(recorded, 30, what="10 completed page task runs")
+        by_name = task_runs_once(c, flow_run_id, all_completed, what="10 completed page task runs")
 
         def states(name: str, count: int) -> list[str] | None:
             found = [s.name for s in c.read_task_run_states(by_name[name].id)]

@@ -41,7 +41,14 @@ class _Stop(Exception):
     """SIGTERM before the runner installed its own handler (which stops it gracefully)."""
 
 
+#: Set by the first SIGTERM: whatever is raised after it is the stop, not a failure.
+_STOPPING: list[int] = []
+
+
 def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    """Raised wherever the main thread is, which can be inside pydantic building a schema:
+    it then comes out as that library's own error (a SchemaError naming `_Stop`)."""
+    _STOPPING.append(signum)
     raise _Stop(signum)
 
 
@@ -233,7 +240,8 @@ def up(
     except (_Stop, KeyboardInterrupt):
         pass
     except Exception as e:
-        raise _failure(e, verbose) from None
+        if not _STOPPING:
+            raise _failure(e, verbose) from None
     finally:
         if server is not None:
             with _ignoring_signals():
