@@ -117,6 +117,7 @@ class _Recorded:
     def __init__(self, task_run: TaskRun) -> None:
         self.task_run = task_run
         self.state: State[Any] | None = None
+        self.previous: State[Any] | None = None  # the state before `state`
         self.event: Event | None = None
         self.held = False  # `state` is not sent yet
         self.lock = threading.Lock()

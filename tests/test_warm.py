@@ -126,3 +126,23 @@ def test_a_different_environment_or_warm_off_runs_in_its_own_process(
     wait_for(lambda: not alive(warm), 30, what="the warm process to follow its server")
     assert not os.path.exists(home / "pagesync-server.json")
     assert _forks(home) == []
+
+
+def test_the_warm_process_builds_the_schemas_prefect_defers() -> None:
+    """In a fresh interpreter with what the warm process imports, Prefect's flow run
+    schema is still unbuilt; after `_complete_models` it is, so no child builds it."""
+    code = (
+        "import importlib\n"
+        "from pagesync import warm\n"
+        "for m in warm.PRELOAD: importlib.import_module(m)\n"
+        "from prefect.client.schemas.actions import FlowRunCreate\n"
+        "before = FlowRunCreate.__pydantic_complete__\n"
+        "warm._complete_models()\n"
+        "print(before, FlowRunCreate.__pydantic_complete__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]

@@ -21,16 +21,16 @@ import threading
 from typing import Any
 
 _original = ssl.create_default_context
-#: The standard library's function is copied below as it is in 3.11 to 3.14; later
+#: The standard library's function is copied below as it is in 3.11 to 3.13; later
 #: versions keep their own until someone checks what they changed.
-_KNOWN_UNTIL = (3, 15)
+_KNOWN_UNTIL = (3, 14)
 
 
 class LazyCAContext(ssl.SSLContext):
     """An `ssl.SSLContext` whose authorities are loaded at its first use."""
 
     _pagesync_load: tuple[str | None, ssl.Purpose] | None = None
-    _pagesync_lock = threading.Lock()
+    _pagesync_lock = threading.Lock()  # one for all: a load happens once per context
 
     def _load_authorities(self) -> None:
         if self._pagesync_load is None:

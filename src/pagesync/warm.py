@@ -263,7 +263,7 @@ PRELOAD = (
 def _complete_models() -> None:
     """Build the pydantic models whose schema waits for their first use (Prefect's client
     schemas: the flow run a run creates, its states): once here, not in every child
-    (measured: 10 ms of a one-page run)."""
+    (measured: a one-page run 0.33 s -> 0.23 s)."""
     from pydantic import BaseModel
 
     todo: list[type[BaseModel]] = [BaseModel]
