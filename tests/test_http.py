@@ -442,3 +442,23 @@ def test_rate_limiter_gives_concurrent_callers_distinct_slots(
         t.join()
     # One goes at once, the others are queued 0.1 s apart: slots never collide.
     assert sorted(fake.sleeps) == pytest.approx([0.1 * i for i in range(1, 8)])
+
+
+def test_a_page_response_is_freed_without_the_garbage_collector(
+    api: DemoAPI, client: SourceClient
+) -> None:
+    """httpx links a response and its stream both ways; pages drop that link, so a page's
+    body goes as soon as the page is done with it, not at the collector's next pass."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        response = client.get(PAGE)
+        ok_page(response)
+        assert list(response.iter_bytes()) == [response.content]  # the same bytes still
+        gone = weakref.ref(response)
+        del response
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -188,14 +188,16 @@ def test_runs_on_the_local_server_send_no_heartbeats(prefect_api_url: str) -> No
     assert get_current_settings().flows.heartbeat_frequency == before
 
 
-def test_runs_keep_the_garbage_collector_off_what_they_imported() -> None:
+def test_runs_keep_the_garbage_collector_out_of_the_page_loop() -> None:
     import gc
 
-    from pagesync.launch import quiet_gc
+    from pagesync.launch import GC_THRESHOLD, quiet_gc
 
-    frozen = gc.get_freeze_count()
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
     try:
         quiet_gc()
+        assert gc.get_threshold() == (GC_THRESHOLD, *before[1:])
         assert gc.get_freeze_count() > frozen  # what is imported is no longer scanned
     finally:
+        gc.set_threshold(*before)
         gc.unfreeze()

@@ -209,7 +209,7 @@ class SourceClient:
                 raise HTTPError(f"{last} after {attempts} tries", url=url) from None
             status = response.status_code
             if status < 300:
-                return response
+                return _unlinked(response)
             url = self.redact(response.url)
             last = f"HTTP {status}"
             if status in RETRY_STATUSES and attempt + 1 < attempts:
@@ -222,6 +222,15 @@ class SourceClient:
             tries = f" after {attempts} tries" if transient else ""
             raise HTTPError(f"HTTP {status}{tries}: {snippet}", url=url, transient=transient)
         raise HTTPError(last or "no response", url=self.redact(req.url))  # pragma: no cover
+
+
+def _unlinked(response: httpx.Response) -> httpx.Response:
+    """The response, read, without its reference cycle (response -> httpx's stream wrapper
+    -> response), so that it and its body are freed as soon as the page is done with them,
+    not at the garbage collector's next pass (measured: a 1,000-record page's body each).
+    The stream in its place serves the same bytes, as for a response built from content."""
+    response.stream = httpx.ByteStream(response.content)
+    return response
 
 
 def _has_request(e: httpx.TransportError) -> bool:
