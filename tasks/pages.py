@@ -131,8 +131,7 @@ class _Recorded:
     def send_held(self) -> None:
         """Send the held state, if it is still the task run's state."""
         with self.lock:
-            if self.held:
-                self._send(self.previous, self.state)  # type: ignore[arg-type]
+            self._send_held()
 
     def emit(self, state: State[Any]) -> None:
         """Move the task run to `state` and tell the server, as Prefect's engine does.
@@ -140,8 +139,8 @@ class _Recorded:
         A held Running state is sent first, unless `state` is Completed: the Completed
         event says where it came from, and the task run carries the start time."""
         with self.lock:
-            if self.held and not state.is_completed():
-                self._send(self.previous, self.state)  # type: ignore[arg-type]
+            if not state.is_completed():
+                self._send_held()
             self._move(state)
             self._send(self.previous, state)
 
@@ -164,6 +163,10 @@ class _Recorded:
         tr.state, tr.state_id = state, state.id
         tr.state_type, tr.state_name = state.type, state.name
         self.previous, self.state = last, state
+
+    def _send_held(self) -> None:
+        if self.held:
+            self._send(self.previous, self.state)  # type: ignore[arg-type]
 
     def _send(self, initial: State[Any] | None, state: State[Any]) -> None:
         self.event = emit_task_run_state_change_event(

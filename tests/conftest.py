@@ -65,12 +65,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     proc = _SERVER.get("proc")
     if proc is not None:
-        if "prefect" in sys.modules:  # flows run in this process: their last logs and events
-            from prefect.events.worker import EventsWorker
-            from prefect.logging.handlers import APILogWorker
+        from pagesync.prefect_env import drain_prefect_workers
 
-            for worker in (EventsWorker, APILogWorker):
-                worker.drain_all(timeout=10)
+        drain_prefect_workers(timeout=10)  # flows run in this process: their last logs, events
         proc.terminate()
         try:
             proc.wait(timeout=20)

@@ -201,3 +201,26 @@ def test_runs_keep_the_garbage_collector_out_of_the_page_loop() -> None:
     finally:
         gc.set_threshold(*before)
         gc.unfreeze()
+
+
+def test_a_run_is_set_up_for_speed(tmp_path: Path, api: DemoAPI) -> None:
+    """A real `pagesync run`, asked at its exit: its TLS contexts load their authorities
+    lazily (installed by the command, before any client) and the collector keeps out of
+    the page loop (set by the run itself)."""
+    from pagesync.launch import GC_THRESHOLD
+
+    path = write_config(tmp_path, api.url, {"items": STREAMS["next_url"]})
+    code = (
+        "import atexit, gc, ssl, sys\n"
+        "from pagesync import cli\n"
+        "atexit.register(lambda: print('AT-EXIT', type(ssl.create_default_context()).__name__,"
+        " gc.get_threshold()[0], gc.get_freeze_count() > 0))\n"
+        f"sys.argv = ['pagesync', 'run', 'items', '-c', {str(path)!r}]\n"
+        "cli.main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    [line] = [x for x in done.stdout.splitlines() if x.startswith("AT-EXIT")]
+    assert line.split()[1:] == ["LazyCAContext", str(GC_THRESHOLD), "True"]

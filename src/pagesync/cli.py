@@ -463,12 +463,9 @@ def exit_now(code: int | str | None) -> NoReturn:
     What matters of an ordinary exit is done first, in its order: Prefect's event and log
     workers send what they hold, then the atexit handlers run (Prefect's, and ours that
     stop or leave the local server after Prefect's last events reached it)."""
-    if "prefect" in sys.modules:
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
+    from .prefect_env import drain_prefect_workers
 
-        for worker in (EventsWorker, APILogWorker):
-            worker.drain_all(timeout=30)
+    drain_prefect_workers(timeout=30)
     if isinstance(code, str):
         err.print(code)
         code = 1

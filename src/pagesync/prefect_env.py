@@ -9,6 +9,7 @@ flow run's logs in the UI.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -70,3 +71,15 @@ def reload_prefect_settings() -> None:
     if _SETTINGS_ENV is None or changed - {"PREFECT_API_URL"}:
         setup_logging()  # incremental: the handlers stay, their levels follow the settings
     _SETTINGS_ENV = now
+
+
+def drain_prefect_workers(timeout: float) -> None:
+    """Let Prefect's event and log workers send what they hold, if Prefect is imported:
+    before a process exits without its teardown, or before the server it sends to stops."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (EventsWorker, APILogWorker):
+        worker.drain_all(timeout=timeout)
