@@ -4,13 +4,14 @@ Prefect 3 records a task run from the state events its client emits (the server'
 run recorder writes them); its task engine wraps that in states, contexts, a transaction,
 a result record, telemetry and hooks, about 9 ms of client CPU per task run on the
 measured machine, more than a 1,000-record page's own work. A page uses none of those
-extras (no cache, no result storage, no hooks), so pagesync emits the same events with
-Prefect's own `emit_task_run_state_change_event`, under 2 ms a page (measured), and the
-server records the same task runs: named `stream · partition · page N`, nested under the
-partition's task run, in the states Prefect's engine gives them (Running, AwaitingRetry
-and Retrying on a retried error, Completed or Failed), with the failure's traceback in the
-task run's logs. The Pending state the engine emits first is left out: nothing orchestrates
-a page before it runs, and the server records one event fewer per page.
+extras (no cache, no result storage, no hooks), so pagesync emits the same events as
+Prefect's `emit_task_run_state_change_event` would (built and sent by `page_events`,
+about 0.1 ms a page), and the server records the same task runs: named
+`stream · partition · page N`, nested under the partition's task run, in the states
+Prefect's engine gives them (Running, AwaitingRetry and Retrying on a retried error,
+Completed or Failed), with the failure's traceback in the task run's logs. The Pending
+state the engine emits first is left out: nothing orchestrates a page before it runs, and
+the server records one event fewer per page.
 
 A page's Running state is held back for `RUNNING_AFTER` seconds: sent then if the page is
 still running (a slow API, a retry's wait), and folded into the Completed event if the
@@ -22,6 +23,7 @@ every page that runs long enough to be seen running.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -29,15 +31,18 @@ from collections import deque
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from prefect._internal.uuid7 import uuid7
 from prefect.client.schemas.objects import TaskRun, TaskRunPolicy, TaskRunResult
 from prefect.context import FlowRunContext, TaskRunContext
-from prefect.events.schemas.events import Event
 from prefect.logging.loggers import task_run_logger
-from prefect.states import AwaitingRetry, Completed, Crashed, Failed, Retrying, Running, State
-from prefect.utilities.engine import emit_task_run_state_change_event
 
 from pagesync.engine import STOP, PageResult, PartitionRun
 from pagesync.errors import LeaseLost
+
+from . import page_events
+from .page_events import PageState
+
+log = logging.getLogger("pagesync.pages")
 
 #: The task key every page task run shares (the UI groups task runs by it).
 TASK_KEY = "pagesync-page"
@@ -64,17 +69,32 @@ class PageTaskRuns:
         self.prefix = f"{stream} · {partition} · page "  # keys may hold braces: no format()
         self.retries = retries
         self.delay = delay
+        self.sender = page_events.sender()
+        self.lean = self.sender.usable()
+        # What every page's events share, dumped by Prefect once per partition.
+        self.template = self._task_run(0, uuid.uuid4()).model_dump(
+            mode="json", exclude_none=True, exclude=set(page_events.TASK_RUN_EXCLUDE)
+        )
+        self.related: list[dict[str, str]] = []
+        if self.lean:  # else Prefect's events worker looks them up for every event
+            try:
+                related = self.sender.related()
+            except Exception:
+                log.warning("could not look up the run's related resources", exc_info=True)
+                related = None
+            self.lean = related is not None
+            self.related = related or []
 
     def __call__(self, part: PartitionRun, page: int) -> PageResult:
-        run = _Recorded(self._task_run(page))
-        run.hold(Running())
+        run = _Recorded(self, page)
+        run.hold(RUNNING, "Running")
         _WATCH.watch(run)
         attempt = 0
         while True:
             try:
-                result = part.step(page, str(run.task_run.id))
+                result = part.step(page, str(run.id))
             except Exception as exc:
-                log = task_run_logger(run.task_run, flow_run=self.flow_run)
+                log = task_run_logger(self._task_run(page, run.id), flow_run=self.flow_run)
                 if attempt < self.retries and worth_retrying(exc):
                     attempt += 1
                     log.warning(
@@ -82,23 +102,28 @@ class PageTaskRuns:
                         "second(s) from now", exc, attempt, self.retries, self.delay,
                     )  # fmt: skip
                     later = datetime.now(UTC) + timedelta(seconds=self.delay)
-                    run.emit(AwaitingRetry(scheduled_time=later))
+                    run.emit(SCHEDULED, "AwaitingRetry", scheduled=later)
                     time.sleep(self.delay)  # the retry's delay, as Prefect's engine waits it
-                    run.emit(Retrying())
+                    run.emit(RUNNING, "Retrying")
                     continue
                 exhausted = " - Retries are exhausted" if self.retries else ""
                 log.error("Task run failed with exception: %r%s", exc, exhausted, exc_info=True)
-                run.emit(Failed(message=f"Task run encountered an exception: {exc!r}"))
+                run.emit("FAILED", "Failed", f"Task run encountered an exception: {exc!r}")
                 raise
             except BaseException as exc:  # interrupted: the page did not finish
-                run.emit(Crashed(message=f"Execution was interrupted: {type(exc).__name__}"))
+                run.emit("CRASHED", "Crashed", f"Execution was interrupted: {type(exc).__name__}")
                 raise
-            run.emit(Completed())
+            run.emit("COMPLETED", "Completed")
             return result
 
-    def _task_run(self, page: int) -> TaskRun:
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until the pages' events are sent (at the partition's end)."""
+        if self.lean:
+            self.sender.flush(timeout)
+
+    def _task_run(self, page: int, task_run_id: uuid.UUID) -> TaskRun:
+        """The page's task run as a Prefect model: for the template and the task run's logs."""
         flow_run = self.flow_run
-        task_run_id = uuid.uuid4()
         return TaskRun(
             id=task_run_id,
             name=f"{self.prefix}{page}",
@@ -111,21 +136,31 @@ class PageTaskRuns:
         )
 
 
-class _Recorded:
-    """A task run, its last state, and the last event sent for it."""
+RUNNING, SCHEDULED = "RUNNING", "SCHEDULED"
 
-    def __init__(self, task_run: TaskRun) -> None:
-        self.task_run = task_run
-        self.state: State[Any] | None = None
-        self.previous: State[Any] | None = None  # the state before `state`
-        self.event: Event | None = None
+
+class _Recorded:
+    """A page's task run: its fields as its events carry them, its last state, and the
+    last event sent for it."""
+
+    def __init__(self, runs: PageTaskRuns, page: int) -> None:
+        self.runs = runs
+        self.id = uuid.uuid4()
+        self.task_run: dict[str, Any] = {
+            **runs.template, "name": f"{runs.prefix}{page}", "dynamic_key": str(self.id),
+        }  # fmt: skip
+        self.started: datetime | None = None  # of its first Running state
+        self.total = timedelta()
+        self.state: PageState | None = None
+        self.previous: PageState | None = None  # the state before `state`
+        self.follows: tuple[uuid.UUID, datetime] | None = None  # the last event sent
         self.held = False  # `state` is not sent yet
         self.lock = threading.Lock()
 
-    def hold(self, state: State[Any]) -> None:
-        """Move the task run to `state` without telling the server yet (`send_held`)."""
+    def hold(self, type: str, name: str) -> None:
+        """Move the task run to a state without telling the server yet (`send_held`)."""
         with self.lock:
-            self._move(state)
+            self._move(type, name)
             self.held = True
 
     def send_held(self) -> None:
@@ -133,47 +168,60 @@ class _Recorded:
         with self.lock:
             self._send_held()
 
-    def emit(self, state: State[Any]) -> None:
-        """Move the task run to `state` and tell the server, as Prefect's engine does.
+    def emit(
+        self, type: str, name: str, message: str = "", scheduled: datetime | None = None
+    ) -> None:
+        """Move the task run to a state and tell the server, as Prefect's engine does.
 
-        A held Running state is sent first, unless `state` is Completed: the Completed
-        event says where it came from, and the task run carries the start time."""
+        A held Running state is sent first, unless the new state is Completed: the
+        Completed event says where it came from, and the task run carries the start time."""
         with self.lock:
-            if not state.is_completed():
+            if type != "COMPLETED":
                 self._send_held()
-            self._move(state)
-            self._send(self.previous, state)
+            self._move(type, name, message, scheduled)
+            self._send()
 
-    def _move(self, state: State[Any]) -> None:
-        tr, last = self.task_run, self.state
-        state.state_details.task_run_id = tr.id
-        state.state_details.flow_run_id = tr.flow_run_id
+    def _move(
+        self, type: str, name: str, message: str = "", scheduled: datetime | None = None
+    ) -> None:
+        now, last = datetime.now(UTC), self.state
         if last is not None:
-            if state.timestamp <= last.timestamp:  # states need distinct, ordered times
-                state.timestamp = last.timestamp + timedelta(microseconds=1)
-            if last.is_running():
-                tr.total_run_time += state.timestamp - last.timestamp
-        if state.is_running():
-            tr.run_count += 1
-            tr.start_time = tr.start_time or state.timestamp
-        if state.is_final():
-            tr.end_time = state.timestamp
-        if tr.expected_start_time is None:
-            tr.expected_start_time = state.timestamp
-        tr.state, tr.state_id = state, state.id
-        tr.state_type, tr.state_name = state.type, state.name
+            if now <= last.timestamp:  # states need distinct, ordered times
+                now = last.timestamp + timedelta(microseconds=1)
+            if last.type == RUNNING:
+                self.total += now - last.timestamp
+        details = {"scheduled_time": page_events.json_time(scheduled)} if scheduled else None
+        state = PageState(uuid7(), type, name, now, message, details)
+        tr = self.task_run
+        if type == RUNNING:
+            tr["run_count"] = tr.get("run_count", 0) + 1
+            self.started = self.started or now
+            tr["start_time"] = page_events.json_time(self.started)
+        if type in FINAL:
+            tr["end_time"] = page_events.json_time(now)
+        tr.setdefault("expected_start_time", page_events.json_time(now))
+        tr["total_run_time"] = self.total.total_seconds()
         self.previous, self.state = last, state
 
     def _send_held(self) -> None:
         if self.held:
-            self._send(self.previous, self.state)  # type: ignore[arg-type]
+            self._send()
 
-    def _send(self, initial: State[Any] | None, state: State[Any]) -> None:
-        self.event = emit_task_run_state_change_event(
-            task_run=self.task_run, initial_state=initial, validated_state=state,
-            follows=self.event,
-        )  # fmt: skip
+    def _send(self) -> None:
+        state, runs = self.state, self.runs
+        assert state is not None
+        event = page_events.state_change_event(
+            self.task_run, self.id, runs.related, self.previous, state, self.follows
+        )
+        if runs.lean:
+            runs.sender.send(event)
+        else:
+            page_events.emit_with_prefect(event, self.follows)
+        self.follows = (state.id, state.timestamp)
         self.held = False
+
+
+FINAL = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 
 
 class _Watch:

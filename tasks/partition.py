@@ -36,7 +36,10 @@ def partition_task(
     for obs in run.observers:
         if isinstance(obs, ProgressArtifacts):
             obs.start(spec)
-    return run_partition(part, pages)
+    try:
+        return run_partition(part, pages)
+    finally:
+        pages.flush()  # the pages' task runs reach the server before the partition's end
 
 
 def tagged(stream: str) -> Task[..., PartitionOutcome]:

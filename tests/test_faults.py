@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import tracemalloc
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -34,6 +35,7 @@ from helpers import (
 from sqlalchemy import create_engine, text
 
 from pagesync.demo.api import DemoAPI
+from pagesync.embedded import free_port
 from pagesync.launch import flatten
 
 PAGE = 200  # 2000 items: 10 pages
@@ -518,3 +520,50 @@ def test_a_page_shows_as_running_only_when_it_runs_long_enough_to_be_seen(
             assert run.run_count == 1 and run.start_time and run.end_time
             assert run.start_time < run.end_time and run.total_run_time.total_seconds() > 0
         assert by_name[slow].total_run_time.total_seconds() > RUNNING_AFTER
+
+
+def test_page_events_go_through_pagesyncs_sender_and_reach_the_server(
+    tmp_path: Path, api: DemoAPI
+) -> None:
+    """Against a Prefect API the page events are sent by `page_events.sender()` (not
+    Prefect's events worker), one per fast page, and all are recorded once the flow run
+    ends: the partition's end waits for them."""
+    from prefect import get_client
+
+    from pagesync.tasks import page_events
+
+    sender = page_events.sender()
+    assert sender.usable()
+    before = sender.sent
+    path = write_config(tmp_path, api.url, {"items": SPEC})
+    flow_run_id = sync_state(path).state_details.flow_run_id
+    assert sender.sent - before == 10  # 10 fast pages: one Completed event each, all sent
+    with get_client(sync_client=True) as c:
+        by_name = task_runs_once(
+            c, flow_run_id, lambda runs: sum(" · page " in n for n in runs) == 10,
+            what="10 page task runs",
+        )  # fmt: skip
+    pages = [t for name, t in by_name.items() if " · page " in name]
+    assert all(t.state_name == "Completed" and t.flow_run_id == flow_run_id for t in pages)
+
+
+def test_a_sender_that_cannot_connect_drops_events_instead_of_blocking_pages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No server at the API's address: the sender gives up once (a warning), sends
+    nothing, and never makes a page or the partition's end wait."""
+    from prefect.events.clients import PrefectEventsClient
+
+    from pagesync.tasks import page_events
+
+    sender = page_events.EventSender()
+    assert sender.usable()
+    port = free_port()
+    sender._client_spec = (
+        PrefectEventsClient,
+        {"api_url": f"http://127.0.0.1:{port}/api", "reconnection_attempts": 0},
+    )
+    assert sender.related() is None
+    sender.send({"id": str(uuid.uuid4()), "event": "x"})
+    assert sender.flush(5) and sender.sent == 0
+    assert not sender.usable()  # later partitions send Prefect's way

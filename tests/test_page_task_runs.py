@@ -3,14 +3,143 @@ end-to-end states, retries and logs are in test_faults and test_ui)."""
 
 from __future__ import annotations
 
-from pagesync.tasks import PageTaskRuns
+import uuid
+from datetime import datetime
+from typing import Any
+
+import orjson
+import prefect.utilities.engine as prefect_engine
+import pytest
+from prefect.client.schemas.objects import State, StateDetails, TaskRun
+from prefect.events import Event
+
+from pagesync.tasks import PageTaskRuns, page_events, pages
 
 
 def test_a_page_task_run_is_named_after_stream_partition_and_page() -> None:
     """Names are built by plain concatenation: a partition key holding braces (a list
     value, a parent key) is kept as it is."""
     runs = PageTaskRuns("items", "{region} 2024-01-03", retries=2)
-    run = runs._task_run(17)
+    task_run_id = uuid.uuid4()
+    run = runs._task_run(17, task_run_id)
     assert run.name == "items · {region} 2024-01-03 · page 17"
     assert run.empirical_policy.retries == 2
-    assert run.dynamic_key == str(run.id)  # unique per page run, never shared
+    assert run.dynamic_key == str(task_run_id)  # unique per page run, never shared
+    recorded = pages._Recorded(runs, 17)
+    assert recorded.task_run["name"] == run.name
+    assert recorded.task_run["dynamic_key"] == str(recorded.id)
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[dict[str, Any], Any]]:
+    """The page events, captured where they would go to Prefect's emit_event."""
+    out: list[tuple[dict[str, Any], Any]] = []
+    monkeypatch.setattr(
+        page_events, "emit_with_prefect", lambda ev, follows: out.append((ev, follows))
+    )
+    return out
+
+
+def _page_runs() -> PageTaskRuns:
+    runs = PageTaskRuns("items", "all", retries=2)
+    runs.lean, runs.related = False, []  # no server here: capture instead of sending
+    return runs
+
+
+def _as_prefect_sends_it(ev: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The event Prefect's own `emit_task_run_state_change_event` makes of the same task
+    run and states, as the server would read it."""
+    captured: list[dict[str, Any]] = []
+
+    def state(e: dict[str, Any]) -> State[Any]:
+        body = e["payload"]["validated_state"]
+        return State(
+            id=uuid.UUID(e["id"]), type=body["type"], name=body["name"],
+            timestamp=datetime.fromisoformat(e["resource"]["prefect.state-timestamp"]),
+            message=body["message"] or None, state_details=StateDetails(**body["state_details"]),
+        )  # fmt: skip
+
+    task_run_id = uuid.UUID(ev["resource"]["prefect.resource.id"].removeprefix("prefect.task-run."))
+    task_run = TaskRun.model_validate({**ev["payload"]["task_run"], "id": task_run_id})
+    follows = Event.model_validate(previous) if previous else None
+    original = prefect_engine.emit_event
+    prefect_engine.emit_event = lambda **kw: captured.append(kw)  # type: ignore[assignment]
+    try:
+        prefect_engine.emit_task_run_state_change_event(
+            task_run=task_run,
+            initial_state=state(previous) if previous else None,
+            validated_state=state(ev),
+            follows=follows,
+        )
+    finally:
+        prefect_engine.emit_event = original
+    kw = captured[0]
+    if follows is not None:
+        kw["follows"] = follows.id
+    return Event(**kw).model_dump(mode="json")
+
+
+def _as_server_reads_it(ev: dict[str, Any]) -> dict[str, Any]:
+    return Event.model_validate_json(orjson.dumps(ev)).model_dump(mode="json")
+
+
+def test_a_fast_page_is_one_completed_event_exactly_as_prefect_builds_it(
+    sent: list[tuple[dict[str, Any], Any]],
+) -> None:
+    runs = _page_runs()
+    run = pages._Recorded(runs, 3)
+    run.hold(pages.RUNNING, "Running")
+    run.emit("COMPLETED", "Completed")
+    assert len(sent) == 1
+    ev, follows = sent[0]
+    assert follows is None
+    assert ev["event"] == "prefect.task-run.Completed"
+    assert ev["payload"]["intended"] == {"from": "RUNNING", "to": "COMPLETED"}
+    tr = ev["payload"]["task_run"]
+    assert tr["run_count"] == 1 and tr["start_time"] <= tr["end_time"]
+    assert tr["expected_start_time"] == tr["start_time"]
+    assert tr["empirical_policy"]["retries"] == 2
+    # the held Running state is its initial state, though it was never sent
+    running = {**ev, "id": str(run.previous.id)}  # type: ignore[union-attr]
+    running["payload"] = {**ev["payload"], "validated_state": ev["payload"]["initial_state"]}
+    running["resource"] = {
+        **ev["resource"], "prefect.state-timestamp": run.previous.timestamp.isoformat(),  # type: ignore[union-attr]
+    }  # fmt: skip
+    mine = _as_server_reads_it(ev)
+    theirs = _as_prefect_sends_it(ev, running)
+    theirs["follows"] = mine["follows"]  # the held state was not sent: nothing to follow
+    assert mine == theirs
+
+
+def test_a_retried_then_failed_page_sends_each_state_in_order(
+    sent: list[tuple[dict[str, Any], Any]],
+) -> None:
+    runs = _page_runs()
+    run = pages._Recorded(runs, 4)
+    run.hold(pages.RUNNING, "Running")
+    run.emit(
+        pages.SCHEDULED,
+        "AwaitingRetry",
+        scheduled=datetime.fromisoformat("2030-01-01T00:00:00+00:00"),
+    )
+    run.emit(pages.RUNNING, "Retrying")
+    run.emit("FAILED", "Failed", "Task run encountered an exception: ValueError('x')")
+    names = [ev["event"].removeprefix("prefect.task-run.") for ev, _ in sent]
+    assert names == ["Running", "AwaitingRetry", "Retrying", "Failed"]
+    assert sent[1][0]["payload"]["validated_state"]["state_details"] == {
+        "scheduled_time": "2030-01-01T00:00:00Z"
+    }
+    final = sent[-1][0]["payload"]["task_run"]
+    assert final["run_count"] == 2  # Running and Retrying
+    assert sent[-1][0]["resource"]["prefect.state-message"].startswith("Task run encountered")
+    previous = None
+    for ev, follows in sent:
+        assert (follows is None) == (previous is None)
+        if previous is not None:
+            assert follows[0] == uuid.UUID(previous["id"])
+            assert ev["follows"] == previous["id"]
+        mine, theirs = _as_server_reads_it(ev), _as_prefect_sends_it(ev, previous)
+        assert mine == theirs
+        previous = ev
+    times = [datetime.fromisoformat(ev["resource"]["prefect.state-timestamp"]) for ev, _ in sent]
+    assert times == sorted(times) and len(set(times)) == len(times)

@@ -74,7 +74,8 @@ def reload_prefect_settings() -> None:
 
 
 def drain_prefect_workers(timeout: float) -> None:
-    """Let Prefect's event and log workers send what they hold, if Prefect is imported:
+    """Let Prefect's event and log workers, and the page events' sender, send what they
+    hold, if Prefect is imported:
     before a process exits without its teardown, or before the server it sends to stops."""
     if "prefect" not in sys.modules:
         return
@@ -83,3 +84,6 @@ def drain_prefect_workers(timeout: float) -> None:
 
     for worker in (EventsWorker, APILogWorker):
         worker.drain_all(timeout=timeout)
+    page_events = sys.modules.get("pagesync.tasks.page_events")
+    if page_events is not None:  # the page task runs' own sender (see there)
+        page_events.sender().flush(timeout)
