@@ -251,8 +251,9 @@ class EventSender:
             async with self._client, self._orchestration:
                 self._ready.set()
                 await self._serve()
-        except Exception:
-            log.warning("page task run events could not be sent", exc_info=True)
+        except Exception as exc:  # like Prefect's worker: the run goes on without them
+            log.warning("page task run events could not be sent: %s", exc)
+            log.debug("page task run events could not be sent", exc_info=True)
         finally:
             with self._cond:
                 self._broken = True

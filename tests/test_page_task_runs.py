@@ -40,10 +40,13 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[dict[str, Any], Any]]:
     return out
 
 
-def _page_runs() -> PageTaskRuns:
+def _started_page(page: int) -> pages._Recorded:
+    """A page's task run, just started (its Running state held), as a page's first step."""
     runs = PageTaskRuns("items", "all", retries=2)
     runs.lean, runs.related = False, []  # no server here: capture instead of sending
-    return runs
+    run = pages._Recorded(runs, page)
+    run.hold(pages.RUNNING, "Running")
+    return run
 
 
 def _as_prefect_sends_it(ev: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
@@ -86,9 +89,7 @@ def _as_server_reads_it(ev: dict[str, Any]) -> dict[str, Any]:
 def test_a_fast_page_is_one_completed_event_exactly_as_prefect_builds_it(
     sent: list[tuple[dict[str, Any], Any]],
 ) -> None:
-    runs = _page_runs()
-    run = pages._Recorded(runs, 3)
-    run.hold(pages.RUNNING, "Running")
+    run = _started_page(3)
     run.emit("COMPLETED", "Completed")
     assert len(sent) == 1
     ev, follows = sent[0]
@@ -114,9 +115,7 @@ def test_a_fast_page_is_one_completed_event_exactly_as_prefect_builds_it(
 def test_a_retried_then_failed_page_sends_each_state_in_order(
     sent: list[tuple[dict[str, Any], Any]],
 ) -> None:
-    runs = _page_runs()
-    run = pages._Recorded(runs, 4)
-    run.hold(pages.RUNNING, "Running")
+    run = _started_page(4)
     run.emit(
         pages.SCHEDULED,
         "AwaitingRetry",
