@@ -11,6 +11,7 @@ from prefect.context import FlowRunContext
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from pagesync import embedded
 from pagesync.config import Config, load_config
 from pagesync.engine import Observer, PartitionOutcome, StreamRun
 from pagesync.tasks import tagged
@@ -61,6 +62,8 @@ def sync_stream(
     cfg = resolve_secret_blocks(load_config(config))
     ctx = FlowRunContext.get()
     flow_run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
+    if flow_run_id:
+        embedded.note_flow_run(flow_run_id)
     spec = cfg.stream(stream)
     backfill = start is not None or end is not None
     parent = (

@@ -200,6 +200,11 @@ class ServerFiles:
     def log(self) -> Path:
         return self.home / "pagesync-embedded-server.log"
 
+    @property
+    def orphans(self) -> Path:
+        """Flow runs of runs that died without ending them (a line each)."""
+        return self.home / "pagesync-server.orphans"
+
     def _recorded(self) -> tuple[dict[str, object], int] | None:
         """The record as written, and its server's pid; None if there is none to read."""
         try:
@@ -237,15 +242,28 @@ class ServerFiles:
         return path
 
     def live_clients(self) -> list[int]:
-        """Pids of the runs using the server; files of dead ones are removed."""
+        """Pids of the runs using the server; files of dead ones are removed, the flow
+        runs they were running kept in `orphans` (a run that ends leaves none behind)."""
         pids = []
         for path in self.clients.glob("*") if self.clients.is_dir() else []:
             pid = int(path.name) if path.name.isdigit() else 0
             if pid and alive(pid):
                 pids.append(pid)
-            else:
-                path.unlink(missing_ok=True)
+                continue
+            with contextlib.suppress(OSError):
+                if flow_runs := path.read_text():
+                    with self.orphans.open("a") as out:
+                        out.write(flow_runs)
+            path.unlink(missing_ok=True)
         return pids
+
+    def take_orphans(self) -> list[str]:
+        """The flow runs of dead runs, once: the caller sees to them."""
+        with contextlib.suppress(FileNotFoundError):
+            ids = self.orphans.read_text().split()
+            self.orphans.unlink()
+            return list(dict.fromkeys(ids))
+        return []
 
 
 class _Pid:
@@ -329,10 +347,17 @@ class LocalServer:
             os.kill(self.process.pid, signal.SIGTERM)
 
 
+#: This process's file among the kept server's clients, once it joined.
+JOINED: Path | None = None
+#: Flow runs that runs killed on the kept server left Running (`crash_orphaned_runs`).
+ORPHANED: list[str] = []
+
+
 def start_if_needed() -> LocalServer | None:
     """Before Prefect is imported: unless a server is configured, find or start this
     PREFECT_HOME's local server, join it for as long as this process lives, and point this
     process (and Prefect in it) at it."""
+    global JOINED
     if api_configured():
         return None
     idle = idle_timeout()
@@ -342,11 +367,62 @@ def start_if_needed() -> LocalServer | None:
     else:
         with locked(files.lock):
             server = LocalServer.find(files) or LocalServer.start(files, idle)
-            me = files.join(os.getpid())
+            files.live_clients()  # the dead ones' flow runs go to the orphans
+            ORPHANED[:] = files.take_orphans()
+            JOINED = me = files.join(os.getpid())
         # Registered before Prefect is imported: runs after Prefect's exit handlers.
         atexit.register(me.unlink, missing_ok=True)
     os.environ["PREFECT_API_URL"] = server.api_url
     return server
+
+
+def note_flow_run(flow_run_id: str) -> None:
+    """Write down a flow run this process runs on the kept server: should the process be
+    killed, the next run marks it Crashed instead of leaving it Running for ever."""
+    if JOINED is not None:
+        with contextlib.suppress(OSError), JOINED.open("a") as out:
+            out.write(f"{flow_run_id}\n")
+
+
+def crash_orphaned_runs() -> int:
+    """Mark Crashed the flow runs, and their task runs, that killed runs left Running or
+    Pending on this server; how many. As Prefect's engine marks a run it sees crash."""
+    if not ORPHANED:
+        return 0
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )  # fmt: skip
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    live = [StateType.RUNNING, StateType.PENDING]
+    message = "The pagesync process running it was killed before the run ended."
+    crashed = 0
+    with get_client(sync_client=True) as client:
+        for flow_run_id in ORPHANED:
+            try:
+                flow_run = client.read_flow_run(flow_run_id)  # type: ignore[arg-type]
+            except ObjectNotFound:
+                continue
+            if flow_run.state is None or flow_run.state.type not in live:
+                continue
+            client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+            crashed += 1
+            for task_run in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
+                task_run_filter=TaskRunFilter(
+                    state=TaskRunFilterState(type=TaskRunFilterStateType(any_=live))
+                ),
+            ):
+                client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+    ORPHANED.clear()
+    return crashed
 
 
 def stop_local_server(

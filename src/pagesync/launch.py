@@ -105,6 +105,10 @@ def run_stream(
 
     if server is not None:
         server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+        try:
+            embedded.crash_orphaned_runs()
+        except Exception:  # bookkeeping of earlier runs never stops this one
+            logging.getLogger("pagesync").debug("marking killed runs Crashed", exc_info=True)
 
     collector = _Collector()
     extra = [collector, *(observers or [])]
