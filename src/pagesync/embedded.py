@@ -396,7 +396,7 @@ def crash_orphaned_runs() -> int:
         TaskRunFilter,
         TaskRunFilterState,
         TaskRunFilterStateType,
-    )  # fmt: skip
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
