@@ -12,8 +12,9 @@ import json
 import os
 import re
 import signal
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,12 @@ def test_backfill_from_the_run_form_shows_page_task_runs_and_artifacts(
     assert shown == {"stream": stream, "config": str(path.resolve())}  # the fixed parameters
     start, end = "2024-01-03T00:00:00Z", "2024-01-06T00:00:00Z"
     editor.fill(json.dumps({**shown, "start": start, "end": end}))
-    submit_run_form(page, re.compile(rf"/deployments/deployment/{deployment.id}(\?.*)?$"))
+    # Submitted: the UI leaves the form for the deployment's page.
+    left = re.compile(rf"/deployments/deployment/{deployment.id}(\?.*)?$")
+    through_busy_server(
+        page, page.get_by_role("button", name="Submit").click, _reached(page, left),
+        what="the run form's submission",
+    )  # fmt: skip
 
     with client() as c:
         [run] = wait_for(lambda: _runs_of(c, deployment.id), 60, what="the form's flow run")
@@ -156,14 +162,17 @@ def test_backfill_from_the_run_form_shows_page_task_runs_and_artifacts(
     page.screenshot(path=str(output_folder("flow-run") / "flow-run.png"), full_page=True)
 
 
-def submit_run_form(page: Any, then: re.Pattern[str], tries: int = 3) -> None:
-    """Submit a run form and wait for the UI to leave it for `then`. Under the suite's load
-    the test server's SQLite is at times busy, and Prefect answers 503, an error its own
-    client retries (`is_client_retryable_exception`) but the UI shows as "Oops. Something
-    went wrong." (seen: 2 CI runs in 9); a user clicks again, and so does this. Any other
-    outcome (no answer, a 4xx) fails, naming what the API said."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+def through_busy_server(
+    page: Any, act: Callable[[], None], done: Callable[[float], bool], what: str, tries: int = 3
+) -> None:
+    """`act()` in the UI (a click that makes the UI call the API), then `done(ms)`: a
+    Playwright wait of up to `ms` for its effect, True once it happened.
 
+    Under the suite's load the test server's SQLite is at times busy, and Prefect answers
+    503, an error its own client retries (`is_client_retryable_exception`) but the UI shows
+    as "Oops. Something went wrong." (seen: 2 CI runs in 9 on the run form's Submit); a
+    user clicks again, and so does this. Any other outcome (no answer, a 4xx) fails,
+    naming what the API said."""
     refused: list[str] = []
 
     def watch(response: Any) -> None:
@@ -174,18 +183,43 @@ def submit_run_form(page: Any, then: re.Pattern[str], tries: int = 3) -> None:
     try:
         for _ in range(tries):
             seen = len(refused)
-            page.get_by_role("button", name="Submit").click()
-            try:
-                page.wait_for_url(then, timeout=30_000)
+            act()
+            if done(30_000):
                 return
-            except PlaywrightTimeout:
-                new = refused[seen:]
-                assert new and all(r.startswith("5") for r in new), (
-                    f"the run form did not submit; the API answered: {new or 'nothing'}"
-                )
-        raise AssertionError(f"the API refused the run form {tries} times: {refused}")
+            new = refused[seen:]
+            assert new and all(r.startswith("5") for r in new), (
+                f"{what}: did not happen; the API answered: {new or 'nothing'}"
+            )
+        raise AssertionError(f"{what}: the API refused it {tries} times: {refused}")
     finally:
         page.remove_listener("response", watch)
+
+
+def _reached(page: Any, url: re.Pattern[str]) -> Callable[[float], bool]:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    def done(ms: float) -> bool:
+        try:
+            page.wait_for_url(url, timeout=ms)
+            return True
+        except PlaywrightTimeout:
+            return False
+
+    return done
+
+
+def _until(page: Any, condition: Callable[[], bool]) -> Callable[[float], bool]:
+    """`condition` (read from the API) polled while the page handles its events."""
+
+    def done(ms: float) -> bool:
+        deadline = time.monotonic() + ms / 1000
+        while not condition():
+            if time.monotonic() > deadline:
+                return False
+            page.wait_for_timeout(50)  # the poll's interval; the page's events go on
+        return True
+
+    return done
 
 
 def _task_runs_of(c: Any, flow_run_id: Any) -> list[Any]:
@@ -230,9 +264,20 @@ def test_failed_backfill_retried_from_the_ui_fetches_only_what_was_not_committed
     api.clear_faults()
     api.clear_requests()
     open_flow_run(page, ui, run.id)
-    page.get_by_role("button", name=re.compile("Retry")).first.click()
-    page.locator(".p-modal").get_by_role("button", name="Retry").click()  # "Retry ...?" dialog
+
+    def retry() -> None:
+        modal = page.locator(".p-modal")
+        if not modal.is_visible():  # after a refused retry, the dialog may still be open
+            page.get_by_role("button", name=re.compile("Retry")).first.click()
+        modal.get_by_role("button", name="Retry").click()  # "Retry ...?"
+
     with client() as c:
+        through_busy_server(
+            page, retry,
+            _until(page, lambda: (r := c.read_flow_run(run.id)).run_count > 1
+                   or not r.state.is_failed()),
+            what="the UI's retry of the failed flow run",
+        )  # fmt: skip
         retried = wait_for(
             lambda: (r := c.read_flow_run(run.id)).run_count > 1 and r.state.is_final() and r,
             180, what="the retried flow run to finish",
