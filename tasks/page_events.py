@@ -168,6 +168,8 @@ class EventSender:
         self._orchestration: Any = None
         self._broken = False
         self.sent = 0  # events handed to the websocket, for diagnostics and tests
+        self._queued = 0  # events ever queued, and of those sent or given up on
+        self._handled = 0  # (both guarded by _cond)
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
 
@@ -208,15 +210,18 @@ class EventSender:
             if self._broken:
                 return
             self._queue.append(serialized)
+            self._queued += 1
             wake, self._idle = self._idle, False
         if wake:
             assert self._wake is not None
             loop.call_soon_threadsafe(self._wake.set)
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued event was sent (or given up on); False on timeout."""
+        """Wait until every event queued so far was sent (or given up on), however busy
+        other partitions keep the sender; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._idle and not self._queue, timeout)
+            target = self._queued
+            return self._cond.wait_for(lambda: self._handled >= target, timeout)
 
     def _started(self) -> asyncio.AbstractEventLoop:
         """The thread's loop, once its clients are connected (or failed to)."""
@@ -258,6 +263,7 @@ class EventSender:
             with self._cond:
                 self._broken = True
                 self._queue.clear()
+                self._handled = self._queued  # given up on
                 self._idle = True
                 self._cond.notify_all()
             self._ready.set()
@@ -271,13 +277,15 @@ class EventSender:
                 with self._cond:
                     if not self._queue:
                         self._idle = True
-                        self._cond.notify_all()
                         break
                     batch = list(self._queue)
                     self._queue.clear()
                 for event in batch:
                     await self._client.emit(event)
                     self.sent += 1
+                with self._cond:
+                    self._handled += len(batch)
+                    self._cond.notify_all()
 
 
 _SENDER: EventSender | None = None
