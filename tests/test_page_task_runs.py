@@ -3,6 +3,8 @@ end-to-end states, retries and logs are in test_faults and test_ui)."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import uuid
 from datetime import datetime
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import orjson
 import prefect.utilities.engine as prefect_engine
 import pytest
+from helpers import wait_for
 from prefect.client.schemas.objects import State, StateDetails, TaskRun
 from prefect.events import Event
 
@@ -142,3 +145,51 @@ def test_a_retried_then_failed_page_sends_each_state_in_order(
         previous = ev
     times = [datetime.fromisoformat(ev["resource"]["prefect.state-timestamp"]) for ev, _ in sent]
     assert times == sorted(times) and len(set(times)) == len(times)
+
+
+class GatedClient:
+    """An events client whose every event is sent only once the test lets it through."""
+
+    def __init__(self) -> None:
+        self.gates: dict[str, threading.Event] = {}
+        self.sending: dict[str, threading.Event] = {}
+        self.sent: list[str] = []
+
+    def expect(self, event_id: str) -> None:
+        self.gates[event_id], self.sending[event_id] = threading.Event(), threading.Event()
+
+    async def __aenter__(self) -> GatedClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def emit(self, event: Any) -> None:
+        key = str(event.id)
+        self.sending[key].set()
+        await asyncio.to_thread(self.gates[key].wait, 30)
+        self.sent.append(key)
+
+
+def test_a_flush_waits_for_the_events_before_it_not_for_those_after() -> None:
+    """A partition's end waits for its own pages' events, however busy other partitions
+    keep the sender."""
+    client = GatedClient()
+    sender = page_events.EventSender()
+    sender._client_spec = (lambda: client, {})  # type: ignore[assignment]
+    first, later = (str(uuid.uuid4()) for _ in range(2))
+    for key in (first, later):
+        client.expect(key)
+    sender.send({"id": first})
+    assert client.sending[first].wait(30)
+    flushed: list[bool] = []
+    flusher = threading.Thread(target=lambda: flushed.append(sender.flush(30)))
+    flusher.start()
+    wait_for(lambda: sender._cond._waiters, 30, what="the flush to wait")  # type: ignore[attr-defined]
+    sender.send({"id": later})  # queued after the flush began: not its concern
+    client.gates[first].set()
+    assert client.sending[later].wait(30)  # the sender is busy with the later event...
+    flusher.join(30)
+    assert flushed == [True] and client.sent == [first]  # ...and the flush is done
+    client.gates[later].set()
+    assert sender.flush(30) and client.sent == [first, later]
