@@ -24,11 +24,13 @@ import logging
 import os
 import threading
 from collections import deque
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import orjson
+from prefect.events.utilities import TIGHT_TIMING  # `follows` only for events this close
+from prefect.utilities.text import truncated_to
 
 log = logging.getLogger("pagesync.events")
 
@@ -36,8 +38,6 @@ log = logging.getLogger("pagesync.events")
 MESSAGE_LIMIT = 100_000
 #: How long a page waits for the sender's first connection before sending without it.
 CONNECT_TIMEOUT = 60.0
-#: Prefect sets `follows` only for an event this close to the one it follows.
-TIGHT_TIMING = timedelta(minutes=5)
 #: What Prefect leaves out of the task run in a state change event's payload.
 TASK_RUN_EXCLUDE = frozenset(
     {"id", "created", "updated", "flow_run_id", "state_id", "state_type", "state_name",
@@ -51,7 +51,8 @@ def json_time(at: datetime) -> str:
 
 
 class PageState:
-    """A state of a page task run, as its events carry it."""
+    """A state of a page task run, as its events carry it (its message cut to Prefect's
+    limit, as Prefect cuts it)."""
 
     __slots__ = ("id", "type", "name", "message", "timestamp", "details")
 
@@ -65,14 +66,14 @@ class PageState:
         details: dict[str, Any] | None = None,
     ) -> None:
         self.id, self.type, self.name, self.timestamp = id, type, name, timestamp
-        self.message = message
+        self.message = truncated_to(MESSAGE_LIMIT, message)
         self.details = details or {}
 
     def as_payload(self) -> dict[str, Any]:
         return {
             "type": self.type,
             "name": self.name,
-            "message": self.message[:MESSAGE_LIMIT],
+            "message": self.message,
             "state_details": self.details,
         }
 
@@ -99,7 +100,6 @@ def state_change_event(
 ) -> dict[str, Any]:
     """What `prefect.utilities.engine.emit_task_run_state_change_event` sends, for a
     task run whose payload (`task_run`, dumped as Prefect dumps it) has no tags."""
-    message = state.message[:MESSAGE_LIMIT]
     event: dict[str, Any] = {
         "occurred": json_time(state.timestamp),
         "event": f"prefect.task-run.{state.name}",
@@ -107,7 +107,7 @@ def state_change_event(
             "prefect.resource.id": f"prefect.task-run.{task_run_id}",
             "prefect.resource.name": task_run["name"],
             "prefect.run-count": str(task_run["run_count"]),
-            "prefect.state-message": message,
+            "prefect.state-message": state.message,
             "prefect.state-name": state.name,
             "prefect.state-timestamp": state.timestamp.isoformat(),
             "prefect.state-type": state.type,
@@ -203,9 +203,9 @@ class EventSender:
         # run_coroutine_threadsafe runs it in a copy of this thread's context
         return asyncio.run_coroutine_threadsafe(lookup(), loop).result(timeout=60)
 
-    def send(self, event: dict[str, Any]) -> None:
+    def send(self, event_id: UUID, event: dict[str, Any]) -> None:
         loop = self._started()
-        serialized = SerializedEvent(UUID(event["id"]), orjson.dumps(event).decode())
+        serialized = SerializedEvent(event_id, orjson.dumps(event).decode())
         with self._cond:
             if self._broken:
                 return

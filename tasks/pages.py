@@ -32,7 +32,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect._internal.uuid7 import uuid7
-from prefect.client.schemas.objects import TaskRun, TaskRunPolicy, TaskRunResult
+from prefect.client.schemas.objects import (
+    TERMINAL_STATES,
+    StateType,
+    TaskRun,
+    TaskRunPolicy,
+    TaskRunResult,
+)
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.loggers import task_run_logger
 
@@ -43,6 +49,12 @@ from . import page_events
 from .page_events import PageState
 
 log = logging.getLogger("pagesync.pages")
+
+RUNNING, SCHEDULED, COMPLETED, FAILED, CRASHED = (
+    t.value for t in (StateType.RUNNING, StateType.SCHEDULED, StateType.COMPLETED,
+                      StateType.FAILED, StateType.CRASHED)
+)  # fmt: skip
+FINAL = frozenset(t.value for t in TERMINAL_STATES)
 
 #: The task key every page task run shares (the UI groups task runs by it).
 TASK_KEY = "pagesync-page"
@@ -108,12 +120,12 @@ class PageTaskRuns:
                     continue
                 exhausted = " - Retries are exhausted" if self.retries else ""
                 log.error("Task run failed with exception: %r%s", exc, exhausted, exc_info=True)
-                run.emit("FAILED", "Failed", f"Task run encountered an exception: {exc!r}")
+                run.emit(FAILED, "Failed", f"Task run encountered an exception: {exc!r}")
                 raise
             except BaseException as exc:  # interrupted: the page did not finish
-                run.emit("CRASHED", "Crashed", f"Execution was interrupted: {type(exc).__name__}")
+                run.emit(CRASHED, "Crashed", f"Execution was interrupted: {type(exc).__name__}")
                 raise
-            run.emit("COMPLETED", "Completed")
+            run.emit(COMPLETED, "Completed")
             return result
 
     def flush(self, timeout: float = 30.0) -> None:
@@ -136,9 +148,6 @@ class PageTaskRuns:
         )
 
 
-RUNNING, SCHEDULED = "RUNNING", "SCHEDULED"
-
-
 class _Recorded:
     """A page's task run: its fields as its events carry them, its last state, and the
     last event sent for it."""
@@ -149,8 +158,7 @@ class _Recorded:
         self.task_run: dict[str, Any] = {
             **runs.template, "name": f"{runs.prefix}{page}", "dynamic_key": str(self.id),
         }  # fmt: skip
-        self.started: datetime | None = None  # of its first Running state
-        self.total = timedelta()
+        self.total = timedelta()  # in Running states, summed exactly
         self.state: PageState | None = None
         self.previous: PageState | None = None  # the state before `state`
         self.follows: tuple[uuid.UUID, datetime] | None = None  # the last event sent
@@ -176,7 +184,7 @@ class _Recorded:
         A held Running state is sent first, unless the new state is Completed: the
         Completed event says where it came from, and the task run carries the start time."""
         with self.lock:
-            if type != "COMPLETED":
+            if type != COMPLETED:
                 self._send_held()
             self._move(type, name, message, scheduled)
             self._send()
@@ -194,9 +202,8 @@ class _Recorded:
         state = PageState(uuid7(), type, name, now, message, details)
         tr = self.task_run
         if type == RUNNING:
-            tr["run_count"] = tr.get("run_count", 0) + 1
-            self.started = self.started or now
-            tr["start_time"] = page_events.json_time(self.started)
+            tr["run_count"] += 1
+            tr.setdefault("start_time", page_events.json_time(now))  # the first Running's
         if type in FINAL:
             tr["end_time"] = page_events.json_time(now)
         tr.setdefault("expected_start_time", page_events.json_time(now))
@@ -214,14 +221,11 @@ class _Recorded:
             self.task_run, self.id, runs.related, self.previous, state, self.follows
         )
         if runs.lean:
-            runs.sender.send(event)
+            runs.sender.send(state.id, event)
         else:
             page_events.emit_with_prefect(event, self.follows)
         self.follows = (state.id, state.timestamp)
         self.held = False
-
-
-FINAL = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 
 
 class _Watch:

@@ -564,6 +564,6 @@ def test_a_sender_that_cannot_connect_drops_events_instead_of_blocking_pages(
         {"api_url": f"http://127.0.0.1:{port}/api", "reconnection_attempts": 0},
     )
     assert sender.related() is None
-    sender.send({"id": str(uuid.uuid4()), "event": "x"})
+    sender.send(uuid.uuid4(), {"event": "x"})
     assert sender.flush(5) and sender.sent == 0
     assert not sender.usable()  # later partitions send Prefect's way

@@ -180,13 +180,13 @@ def test_a_flush_waits_for_the_events_before_it_not_for_those_after() -> None:
     first, later = (str(uuid.uuid4()) for _ in range(2))
     for key in (first, later):
         client.expect(key)
-    sender.send({"id": first})
+    sender.send(uuid.UUID(first), {"id": first})
     assert client.sending[first].wait(30)
     flushed: list[bool] = []
     flusher = threading.Thread(target=lambda: flushed.append(sender.flush(30)))
     flusher.start()
     wait_for(lambda: sender._cond._waiters, 30, what="the flush to wait")  # type: ignore[attr-defined]
-    sender.send({"id": later})  # queued after the flush began: not its concern
+    sender.send(uuid.UUID(later), {"id": later})  # queued after the flush began: not its concern
     client.gates[first].set()
     assert client.sending[later].wait(30)  # the sender is busy with the later event...
     flusher.join(30)

@@ -258,7 +258,9 @@ class ServerFiles:
         return pids
 
     def take_orphans(self) -> list[str]:
-        """The flow runs of dead runs, once: the caller sees to them."""
+        """The flow runs of dead runs (found as `live_clients` finds them), once: the
+        caller sees to them."""
+        self.live_clients()
         with contextlib.suppress(FileNotFoundError):
             ids = self.orphans.read_text().split()
             self.orphans.unlink()
@@ -367,7 +369,6 @@ def start_if_needed() -> LocalServer | None:
     else:
         with locked(files.lock):
             server = LocalServer.find(files) or LocalServer.start(files, idle)
-            files.live_clients()  # the dead ones' flow runs go to the orphans
             ORPHANED[:] = files.take_orphans()
             JOINED = me = files.join(os.getpid())
         # Registered before Prefect is imported: runs after Prefect's exit handlers.
