@@ -20,8 +20,8 @@ import httpx
 import psutil
 import yaml
 
-from pagesync import embedded
-from pagesync.embedded import ServerFiles, free_port, wait_until_healthy
+from pagesync.prefect import local_server as embedded
+from pagesync.prefect.local_server import ServerFiles, free_port, wait_until_healthy
 
 BENCH = Path(__file__).resolve().parent
 PREFECT_HOME = BENCH / ".prefect-home"

@@ -6,7 +6,7 @@ same code. How:
 - A sampler thread walks the process tree (the process and all its descendants) every
   `interval` seconds (50 ms) and records the sum of their RSS, and each process's CPU time
   and role: "server" for a Prefect server the run started itself (`--cold`: a child
-  running `pagesync.server_process`), "client" for the command's own process, "other" for any
+  running `pagesync.prefect.server_process`), "client" for the command's own process, "other" for any
   other descendant.
 - When the command exits, it is left a zombie for a moment (`waitid(WNOWAIT)`): its exact
   CPU time, and that of the children it reaped (the embedded server is stopped and reaped
@@ -34,7 +34,11 @@ from typing import Any
 
 import psutil
 
-SERVER_MARKERS = ("pagesync.server_process", "prefect.server.api.server", "prefect server start")
+SERVER_MARKERS = (
+    "pagesync.prefect.server_process",
+    "prefect.server.api.server",
+    "prefect server start",
+)
 MB = 1024 * 1024
 
 

@@ -1,9 +1,5 @@
 """Prefect flows of pagesync: one flow per stream (installed as `pagesync.flows`)."""
 
-from pagesync.prefect_env import configure as _configure
+from .stream import RunHooks, flow_for, run_hooks, sync_stream
 
-_configure()
-
-from .stream import flow_for, sync_stream  # noqa: E402
-
-__all__ = ["flow_for", "sync_stream"]
+__all__ = ["RunHooks", "flow_for", "run_hooks", "sync_stream"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect.blocks.system import Secret
 from pydantic import SecretStr
 
-from pagesync.config import BlockRef, Config
+from pagesync.core.config import BlockRef, Config
 
 
 def resolve_secret_blocks(config: Config) -> Config:

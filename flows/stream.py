@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -11,16 +15,39 @@ from prefect.context import FlowRunContext
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pagesync import embedded
-from pagesync.config import Config, load_config
-from pagesync.engine import Observer, PartitionOutcome, StreamRun
+from pagesync.core.config import Config, load_config
+from pagesync.core.engine import Observer, PartitionOutcome, Stop, StreamRun
 from pagesync.tasks import tagged
 from pagesync.tasks.progress import ProgressArtifacts, artifact_key
 
 from .secrets import resolve_secret_blocks
 
-#: Observers told of progress by runs in this process (the CLI's live display).
-OBSERVERS: list[Observer] = []
+
+@dataclass
+class RunHooks:
+    """What code that calls a stream's flow in its own process hands to that run: objects,
+    not flow parameters (parameters are stored by the Prefect API and shown in the UI)."""
+
+    #: A config built in code (`pagesync.sync(config, ...)`), used instead of the file.
+    config: Config | None = None
+    #: Told of progress (the CLI's live display), besides the run's progress artifacts.
+    observers: list[Observer] = field(default_factory=list)
+    #: Set by whoever handles SIGTERM and Ctrl-C for the run (the CLI).
+    stop: Stop | None = None
+
+
+_HOOKS: ContextVar[RunHooks | None] = ContextVar("pagesync_run_hooks", default=None)
+
+
+@contextmanager
+def run_hooks(hooks: RunHooks) -> Iterator[RunHooks]:
+    """Flows called inside the block (in this thread, and the partition threads it starts)
+    get `hooks`; nothing outlives the block."""
+    token = _HOOKS.set(hooks)
+    try:
+        yield hooks
+    finally:
+        _HOOKS.reset(token)
 
 
 def backfill_scope(
@@ -59,11 +86,10 @@ def sync_stream(
         backfill_id: Backfill: id under which its windows are checkpointed. Default: derived
             from stream and range, so running the same backfill again resumes it.
     """
-    cfg = resolve_secret_blocks(load_config(config))
+    hooks = _HOOKS.get() or RunHooks()
+    cfg = resolve_secret_blocks(hooks.config or load_config(config))
     ctx = FlowRunContext.get()
     flow_run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
-    if flow_run_id:
-        embedded.note_flow_run(flow_run_id)
     spec = cfg.stream(stream)
     backfill = start is not None or end is not None
     parent = (
@@ -75,7 +101,7 @@ def sync_stream(
     scope = backfill_scope(stream, start, end, backfill_id) if backfill else ""
     run = StreamRun(
         cfg, stream, flow_run_id=flow_run_id, full_refresh=full_refresh, scope=scope,
-        observers=[*OBSERVERS, ProgressArtifacts(stream, scope)],
+        observers=[*hooks.observers, ProgressArtifacts(stream, scope)], stop=hooks.stop,
     )  # fmt: skip
     try:
         specs = run.prepare(start=start, end=end) if backfill else run.prepare()

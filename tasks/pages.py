@@ -42,8 +42,8 @@ from prefect.client.schemas.objects import (
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.loggers import task_run_logger
 
-from pagesync.engine import STOP, PageResult, PartitionRun
-from pagesync.errors import LeaseLost
+from pagesync.core.engine import PageResult, PartitionRun
+from pagesync.core.errors import LeaseLost
 
 from . import page_events
 from .page_events import PageState
@@ -63,9 +63,9 @@ TASK_KEY = "pagesync-page"
 RUNNING_AFTER = 1.0
 
 
-def worth_retrying(exc: BaseException) -> bool:
+def worth_retrying(exc: BaseException, part: PartitionRun) -> bool:
     """Retry network and server trouble; not config errors, loops, a lost lease or a stop."""
-    if isinstance(exc, LeaseLost) or STOP.is_set():
+    if isinstance(exc, LeaseLost) or part.run.stop.is_set():
         return False
     return bool(getattr(exc, "transient", True))
 
@@ -107,7 +107,7 @@ class PageTaskRuns:
                 result = part.step(page, str(run.id))
             except Exception as exc:
                 log = task_run_logger(self._task_run(page, run.id), flow_run=self.flow_run)
-                if attempt < self.retries and worth_retrying(exc):
+                if attempt < self.retries and worth_retrying(exc, part):
                     attempt += 1
                     log.warning(
                         "Task run failed with exception: %r - Retry %s/%s will start %s "

@@ -1,6 +1,6 @@
 """The partition task: a Prefect task per partition, with its pages' task runs under it.
 
-All the work is the engine's (`pagesync.engine`); the partition task walks the partition
+All the work is the engine's (`pagesync.core.engine`); the partition task walks the partition
 and gives each page a task run of its own (`pages.PageTaskRuns`), named
 `stream · partition · page N`, retried on transient errors. No record passes through
 Prefect: a page returns counts, never rows.
@@ -14,8 +14,8 @@ from __future__ import annotations
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 
-from pagesync.engine import PartitionOutcome, StreamRun, run_partition
-from pagesync.partitions import PartitionSpec
+from pagesync.core.engine import PartitionOutcome, StreamRun, run_partition
+from pagesync.core.partitions import PartitionSpec
 
 from .pages import PageTaskRuns
 from .progress import ProgressArtifacts

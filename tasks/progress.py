@@ -22,12 +22,12 @@ from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from pagesync.engine import PartitionOutcome
-from pagesync.partitions import PartitionSpec
+from pagesync.core.engine import PartitionOutcome
+from pagesync.core.partitions import PartitionSpec
 
 EVERY_SECONDS = 2.0
 
-log = logging.getLogger("pagesync.progress")
+log = logging.getLogger("pagesync.cli.progress")
 
 
 def artifact_key(*parts: str) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from pagesync import mergepatch, store
+from pagesync.core import mergepatch, store
 
 BASE_SCHEMA = store.SCHEMA_VERSION
 BASE_MIGRATIONS = list(store.MIGRATIONS)
@@ -58,7 +58,7 @@ def child(request: dict[str, Any]) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    from pagesync import crashpoints
+    from pagesync.core import crashpoints
 
     crashpoints.load()  # this run's PAGESYNC_CRASH_AT
     install(int(os.environ.get("PAGESYNC_CHAOS_SCHEMA", BASE_SCHEMA)))
@@ -91,10 +91,10 @@ def serve() -> None:
     import sqlalchemy.dialects.sqlite.pysqlite  # noqa: F401
 
     import pagesync.cli  # noqa: F401
-    import pagesync.cli_deploy  # noqa: F401
+    import pagesync.cli.deploy  # noqa: F401
+    import pagesync.cli.launch  # noqa: F401
+    import pagesync.cli.progress  # noqa: F401
     import pagesync.flows  # noqa: F401
-    import pagesync.launch  # noqa: F401
-    import pagesync.progress  # noqa: F401
     import pagesync.tasks  # noqa: F401
 
     print(json.dumps({"ready": True}), flush=True)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pagesync.demo.api import DemoAPI
-from pagesync.embedded import free_port, wait_until_healthy
+from pagesync.prefect.local_server import free_port, wait_until_healthy
 
 PG_ADMIN_URL = os.environ.get("PAGESYNC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 _SERVER: dict[str, Any] = {}
@@ -65,7 +65,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     proc = _SERVER.get("proc")
     if proc is not None:
-        from pagesync.prefect_env import drain_prefect_workers
+        from pagesync.prefect.settings import drain_prefect_workers
 
         drain_prefect_workers(timeout=10)  # flows run in this process: their last logs, events
         proc.terminate()
@@ -108,7 +108,7 @@ def pg_url() -> Iterator[str]:
         conn.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
     yield f"{base}/{name}"
-    from pagesync.store import _ENGINES
+    from pagesync.core.store import _ENGINES
 
     for key in [k for k in _ENGINES if k.endswith(f"/{name}")]:
         _ENGINES.pop(key).dispose()

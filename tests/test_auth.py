@@ -10,10 +10,10 @@ import pytest
 from conftest import STREAMS, write_config
 from helpers import assert_exactly_once
 
-from pagesync.config import Source
+from pagesync.core.config import Source
+from pagesync.core.http import SourceClient
+from pagesync.core.paginators import PageRequest
 from pagesync.demo.api import DemoAPI
-from pagesync.http import SourceClient
-from pagesync.paginators import PageRequest
 
 TOKEN = "s3cret-T0ken-value"
 

@@ -315,8 +315,8 @@ def test_chaos_sigkill_at_random_points_then_resume(
 READER = """
 import contextlib, io, json, sys, time
 from pathlib import Path
-from pagesync import store
-from pagesync.cli import app
+from pagesync.core import store
+from pagesync.cli.app import app
 
 config, out, stop = sys.argv[1:]
 with open(out, "w") as log:

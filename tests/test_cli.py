@@ -111,7 +111,7 @@ def test_init_writes_a_valid_starter_and_refuses_to_overwrite(tmp_path: Path) ->
     assert made.returncode == 0, made.stderr
     config = tmp_path / "proj" / "pagesync.yaml"
     assert (tmp_path / "proj" / "streams.py").exists()
-    from pagesync.config import load_config
+    from pagesync.core.config import load_config
 
     cfg = load_config(config)  # the starter is a valid config
     assert cfg.streams["issues"].paginator.type == "link_header"

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from pagesync import config as cfg
-from pagesync.config import config_path, load_config, parse_config
-from pagesync.errors import ConfigError
+from pagesync.core import config as cfg
+from pagesync.core.config import config_path, load_config, parse_config
+from pagesync.core.errors import ConfigError
 
 # The reference config of shared/DESIGN.md, with every key the contract names.
 REFERENCE = """\

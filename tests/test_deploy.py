@@ -22,10 +22,10 @@ import pytest
 from conftest import daily_stream, run_cli, write_config
 from helpers import assert_exactly_once, wait_for
 
-from pagesync.config import load_config
+from pagesync.core.config import load_config
 from pagesync.demo.api import DemoAPI
 from pagesync.demo.project import write_demo
-from pagesync.embedded import free_port
+from pagesync.prefect.local_server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -111,7 +111,7 @@ def wait_final(flow_run_id: Any, timeout: float = 120) -> Any:
 def test_deployments_built_from_a_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.flows import load_flow_from_entrypoint
 
-    from pagesync.deploy import build_deployments, entrypoint, form_schema, stream_flow
+    from pagesync.prefect.deploy import build_deployments, entrypoint, form_schema, stream_flow
 
     streams = {
         "hourly": {**DAILY, "schedule": {"cron": "0 * * * *"}},
@@ -124,7 +124,9 @@ def test_deployments_built_from_a_config(tmp_path: Path, monkeypatch: pytest.Mon
     assert set(deployments) == {(s, k) for s in streams for k in ("incremental", "backfill")}
     for (stream, kind), d in deployments.items():
         assert d.parameters == {"stream": stream, "config": str(path.resolve())}
-        assert d.entrypoint == entrypoint(stream) and d.entrypoint.startswith("pagesync.deploy.")
+        assert d.entrypoint == entrypoint(stream) and d.entrypoint.startswith(
+            "pagesync.prefect.deploy."
+        )
         assert d.work_pool_name is None and d.job_variables == {} and d.paused is False
         assert {"pagesync", f"stream:{stream}", kind} <= set(d.tags)
         assert stream in (d.description or "")
@@ -173,7 +175,7 @@ def test_up_serves_a_backfill_triggered_through_the_api_and_stops_on_sigterm(
         with client() as c:
             incremental = c.read_deployment_by_name(f"{stream}/incremental")
             backfill = c.read_deployment_by_name(f"{stream}/backfill")
-        assert incremental.entrypoint == backfill.entrypoint == f"pagesync.deploy.{stream}"
+        assert incremental.entrypoint == backfill.entrypoint == f"pagesync.prefect.deploy.{stream}"
         assert [s.schedule.cron for s in incremental.schedules] == [NEVER["cron"]]  # type: ignore[union-attr]
         assert backfill.schedules == [] and not incremental.paused
         assert backfill.parameters == {"stream": stream, "config": str(path.resolve())}
@@ -283,7 +285,7 @@ def test_deploy_registers_to_a_work_pool_and_a_worker_runs_the_stream(
             backfill = c.read_deployment_by_name(f"{stream}/backfill")
             incremental = c.read_deployment_by_name(f"{stream}/incremental")
         for d in (backfill, incremental):
-            assert d.work_pool_name == pool and d.entrypoint == f"pagesync.deploy.{stream}"
+            assert d.work_pool_name == pool and d.entrypoint == f"pagesync.prefect.deploy.{stream}"
             assert d.job_variables == {"env": {"PAGESYNC_CONFIG": str(path.resolve())}}
             assert d.parameters == {"stream": stream, "config": str(path.resolve())}
 
@@ -319,7 +321,7 @@ def test_deploy_registers_to_a_work_pool_and_a_worker_runs_the_stream(
 def test_prefect_yaml_deploys_what_pagesync_deploy_builds(tmp_path: Path) -> None:
     """`prefect deploy --all` accepts deployments/prefect.yaml and registers the demo config's
     deployments as `pagesync deploy` builds them: names, entrypoints, schedules, parameters."""
-    from pagesync.deploy import build_deployments
+    from pagesync.prefect.deploy import build_deployments
 
     config = write_demo(tmp_path / "demo")
     expected = build_deployments(load_config(config), work_pool="x")

@@ -12,9 +12,9 @@ import orjson
 import pytest
 from sqlalchemy import Engine, inspect
 
-from pagesync.destination import META_COLUMNS, Destination
-from pagesync.errors import ExtractError
-from pagesync.store import _ENGINES, engine_for
+from pagesync.core.destination import META_COLUMNS, Destination
+from pagesync.core.errors import ExtractError
+from pagesync.core.store import _ENGINES, engine_for
 
 HOSTILE = 'x"; DROP TABLE items; --'
 SPACES = 'it\'s a "quoted" name'

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from pagesync.errors import ExtractError
-from pagesync.extract import dig, parse_body, records_at, values_at
+from pagesync.core.errors import ExtractError
+from pagesync.core.extract import dig, parse_body, records_at, values_at
 
 BODY: dict[str, Any] = {
     "data": {"items": [{"id": 1, "tags": ["a", "b"]}, {"id": 2, "tags": []}], "total": 2},

@@ -34,9 +34,9 @@ from helpers import (
 )
 from sqlalchemy import create_engine, text
 
+from pagesync.cli.launch import flatten
 from pagesync.demo.api import DemoAPI
-from pagesync.embedded import free_port
-from pagesync.launch import flatten
+from pagesync.prefect.local_server import free_port
 
 PAGE = 200  # 2000 items: 10 pages
 PATH = "/db/items.json"

@@ -19,12 +19,12 @@ import httpx
 import pytest
 from conftest import cleaned
 
-from pagesync import config as cfg
-from pagesync import http as http_mod
+from pagesync.core import config as cfg
+from pagesync.core import http as http_mod
+from pagesync.core.errors import HTTPError
+from pagesync.core.http import RateLimiter, SourceClient, redact_url, retry_after
+from pagesync.core.paginators import PageRequest
 from pagesync.demo.api import DemoAPI
-from pagesync.errors import HTTPError
-from pagesync.http import RateLimiter, SourceClient, redact_url, retry_after
-from pagesync.paginators import PageRequest
 
 PAGE = PageRequest("/cursor/items", {"limit": 5})
 HEADERS = {"Authorization": "Bearer s3cret-token", "X-Tenant": "acme"}
@@ -384,7 +384,7 @@ def test_retry_after_parsing() -> None:
 
 
 class FakeTime:
-    """Stands in for the `time` module inside pagesync.http: a clock that only sleep moves."""
+    """Stands in for the `time` module inside pagesync.core.http: a clock that only sleep moves."""
 
     def __init__(self, now: float = 1000.0, *, advance: bool = True) -> None:
         self.now = now

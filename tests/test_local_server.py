@@ -15,8 +15,8 @@ from pathlib import Path
 from conftest import STREAMS, write_config
 from helpers import assert_exactly_once, wait_for
 
+from pagesync.core.procs import alive
 from pagesync.demo.api import DemoAPI
-from pagesync.procs import alive
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
@@ -120,7 +120,7 @@ def test_runs_started_together_share_one_server(tmp_path: Path, api: DemoAPI) ->
     assert errs.count("starting a local Prefect server") == 1, errs
     url = str(_record(home)["api_url"])
     assert f"using the local Prefect server at {url}" in errs
-    servers = [p for p in _processes_with_home(home) if b"pagesync.server_process" in
+    servers = [p for p in _processes_with_home(home) if b"pagesync.prefect.server_process" in
                Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
     assert servers == [_record(home)["pid"]]
     assert _cli(env, "server", "stop").returncode == 0
@@ -162,7 +162,7 @@ def test_a_bad_idle_setting_is_a_clear_error(tmp_path: Path, api: DemoAPI) -> No
 def test_a_record_naming_another_process_is_no_server(tmp_path: Path) -> None:
     """A server that died without a word, its pid since given to some other process: the
     record is not believed, so the next run starts a server instead of waiting on it."""
-    from pagesync.embedded import ServerFiles
+    from pagesync.prefect.local_server import ServerFiles
 
     files = ServerFiles(tmp_path)
     files.write({"pid": os.getpid(), "api_url": "http://127.0.0.1:9/api"})  # pytest, alive
@@ -175,7 +175,7 @@ def test_runs_on_the_local_server_send_no_heartbeats(prefect_api_url: str) -> No
     from prefect import flow
     from prefect.settings import get_current_settings
 
-    from pagesync.launch import _run_flow
+    from pagesync.cli.launch import _run_flow
 
     @flow(persist_result=False)
     def heartbeat_seen() -> int | None:
@@ -191,7 +191,7 @@ def test_runs_on_the_local_server_send_no_heartbeats(prefect_api_url: str) -> No
 def test_runs_keep_the_garbage_collector_out_of_the_page_loop() -> None:
     import gc
 
-    from pagesync.launch import GC_THRESHOLD, quiet_gc
+    from pagesync.cli.launch import GC_THRESHOLD, quiet_gc
 
     before, frozen = gc.get_threshold(), gc.get_freeze_count()
     try:
@@ -207,7 +207,7 @@ def test_a_run_is_set_up_for_speed(tmp_path: Path, api: DemoAPI) -> None:
     """A real `pagesync run`, asked at its exit: its TLS contexts load their authorities
     lazily (installed by the command, before any client) and the collector keeps out of
     the page loop (set by the run itself)."""
-    from pagesync.launch import GC_THRESHOLD
+    from pagesync.cli.launch import GC_THRESHOLD
 
     path = write_config(tmp_path, api.url, {"items": STREAMS["next_url"]})
     code = (

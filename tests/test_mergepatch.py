@@ -10,7 +10,7 @@ from helpers import same
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagesync.mergepatch import apply, diff
+from pagesync.core.mergepatch import apply, diff
 
 # RFC 7396, Appendix A: (original, patch, result), every row of the table.
 RFC_EXAMPLES: list[tuple[Any, Any, Any]] = [

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagesync import config as cfg
-from pagesync.paginators import (
+from pagesync.core import config as cfg
+from pagesync.core.paginators import (
     Cursor,
     LinkHeader,
     NextUrl,

@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from pagesync.engine import PartitionOutcome
-from pagesync.partitions import PartitionSpec
+from pagesync.core.engine import PartitionOutcome
+from pagesync.core.partitions import PartitionSpec
 from pagesync.tasks import progress
 
 

@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection
 
-from pagesync import mergepatch
-from pagesync import store as store_mod
-from pagesync.store import P, Store, dumps, loads
+from pagesync.core import mergepatch
+from pagesync.core import store as store_mod
+from pagesync.core.store import P, Store, dumps, loads
 
 # JSON as orjson stores it: 64-bit integers, finite floats, no null (a checkpoint never
 # stores one: a null in a merge patch deletes).

@@ -27,10 +27,10 @@ from helpers import assert_exactly_once, wait_for
 from sqlalchemy import create_engine, inspect, text
 from test_faults import JSONServer
 
-from pagesync.config import Source
+from pagesync.core.config import Source
+from pagesync.core.http import SourceClient
+from pagesync.core.paginators import PageRequest
 from pagesync.demo.api import DemoAPI
-from pagesync.http import SourceClient
-from pagesync.paginators import PageRequest
 
 SECRET = "pgs-T0ken-7f3a9c1e5b2d"
 PG_PASSWORD = "pgs-Passw0rd-4d8e2b6a90"

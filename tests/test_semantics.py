@@ -20,12 +20,12 @@ from helpers import (
     rows,
 )
 
-from pagesync import store as store_mod
-from pagesync.config import load_config
+from pagesync.core import store as store_mod
+from pagesync.core.config import load_config
+from pagesync.core.engine import StreamRun
+from pagesync.core.errors import LeaseLost
+from pagesync.core.store import Store
 from pagesync.demo.api import DemoAPI
-from pagesync.engine import StreamRun
-from pagesync.errors import LeaseLost
-from pagesync.store import Store
 
 DAILY = daily_stream(25)
 BY_CATEGORY = {

@@ -18,8 +18,8 @@ import pytest
 from conftest import PG_ADMIN_URL
 from sqlalchemy import inspect, text
 
-from pagesync.errors import LeaseLost, StateError
-from pagesync.store import (
+from pagesync.core.errors import LeaseLost, StateError
+from pagesync.core.store import (
     _ENGINES,
     COMPLETE,
     INCOMPLETE,

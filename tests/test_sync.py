@@ -9,9 +9,9 @@ import pytest
 from conftest import STREAMS, write_config
 from helpers import assert_counters_match_log, assert_exactly_once, partition_rows, rows
 
-from pagesync.config import load_config
+from pagesync.core.config import load_config
+from pagesync.core.store import Store
 from pagesync.demo.api import DemoAPI
-from pagesync.store import Store
 
 
 def sync(path: Path, stream: str, **kw: object) -> dict:

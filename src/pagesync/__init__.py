@@ -11,13 +11,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .config import Config, load_config, parse_config
-    from .paginators import PageRequest
-    from .streams import Page, Stream
+    from .core.config import Config, load_config, parse_config
+    from .core.paginators import PageRequest
+    from .core.streams import Page, Stream
 
 _LAZY = {
-    "Config": "config", "load_config": "config", "parse_config": "config",
-    "PageRequest": "paginators", "Page": "streams", "Stream": "streams",
+    "Config": "core.config", "load_config": "core.config", "parse_config": "core.config",
+    "PageRequest": "core.paginators", "Page": "core.streams", "Stream": "core.streams",
 }  # fmt: skip
 
 __all__ = ["Config", "Page", "PageRequest", "Stream", "load_config", "parse_config", "sync"]
@@ -30,17 +30,15 @@ def sync(config: Config | str, stream: str, **params: Any) -> dict[str, Any]:
     Returns the flow's summary; raises an ExceptionGroup of partition errors when any
     partition failed (their committed pages are kept).
     """
-    from pagesync.config import Config, load_config, register
-    from pagesync.flows import flow_for
+    from pagesync.core.config import Config, load_config
+    from pagesync.flows.stream import RunHooks, flow_for, run_hooks
 
-    if isinstance(config, Config):
-        source = config.sources[config.stream(stream).source]
-        return flow_for(stream, source.concurrency)(
-            stream=stream, config=register(config), **params
-        )
-    cfg = load_config(config)
+    cfg = config if isinstance(config, Config) else load_config(config)
     source = cfg.sources[cfg.stream(stream).source]
-    return flow_for(stream, source.concurrency)(stream=stream, config=str(cfg.path), **params)
+    flow = flow_for(stream, source.concurrency)
+    path = str(cfg.path) if cfg.path else None
+    with run_hooks(RunHooks(config=cfg if isinstance(config, Config) else None)):
+        return flow(stream=stream, config=path, **params)
 
 
 def __getattr__(name: str) -> Any:

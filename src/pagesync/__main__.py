@@ -1,5 +1,3 @@
-"""`python -m pagesync`: the `pagesync` command."""
-
-from pagesync.warm import main
+from pagesync.cli import main
 
 main()

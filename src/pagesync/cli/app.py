@@ -22,12 +22,12 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from ..core.config import Config, load_config
+from ..core.errors import ConfigError, PagesyncError
 from . import tls
-from .config import Config, load_config
-from .errors import ConfigError, PagesyncError
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..core.store import Store
 
 app = typer.Typer(
     name="pagesync",
@@ -72,7 +72,7 @@ def _stream(config: Config, stream: str) -> None:
 
 def _opened(path: Path | None, stream: str | None) -> tuple[Config, Store]:
     """The config (with `stream` checked, if given) and its store, migrated."""
-    from .store import Store
+    from ..core.store import Store
 
     cfg = _config(path)
     if stream:
@@ -197,7 +197,7 @@ def state_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Per partition: status, cursor, pages, records, last update."""
-    from .views import partition_views
+    from ..core.views import partition_views
 
     cfg, store = _opened(config, stream)
     views = partition_views(store, stream)
@@ -231,8 +231,8 @@ def state_import(
     config: ConfigOpt = None,
 ) -> None:
     """Start a stream from another tool's state (Airbyte STREAM/GLOBAL, legacy object, [])."""
-    from .interop import import_state
-    from .store import Store
+    from ..core.interop import import_state
+    from ..core.store import Store
 
     cfg = _config(config)
     _stream(cfg, stream)
@@ -257,7 +257,7 @@ def state_export(
     config: ConfigOpt = None,
 ) -> None:
     """Write the stream's state as an Airbyte per-stream state array (JSON)."""
-    from .interop import export_state
+    from ..core.interop import export_state
 
     cfg, store = _opened(config, stream)
     _print_json(export_state(store, cfg, stream))
@@ -270,7 +270,7 @@ def history(
     as_json: JsonOpt = False,
 ) -> None:
     """Per committed page: partition, page, records, cursor, time, flow and task run ids."""
-    from .views import page_views
+    from ..core.views import page_views
 
     cfg, store = _opened(config, stream)
     views = page_views(store, stream)
@@ -307,8 +307,8 @@ def reset(
 @app.command()
 def check(config: ConfigOpt = None) -> None:
     """Validate the config and reach each stream's source."""
-    from .http import SourceClient
-    from .paginators import PageRequest
+    from ..core.http import SourceClient
+    from ..core.paginators import PageRequest
 
     cfg = _config(config)
     out.print(
@@ -344,8 +344,8 @@ def demo(
     verbose: VerboseOpt = False,
 ) -> None:
     """Start the bundled demo API and sync it into SQLite: pagesync end to end."""
-    from .demo.api import DemoAPI
-    from .demo.project import write_demo
+    from ..demo.api import DemoAPI
+    from ..demo.project import write_demo
 
     path = write_demo(folder)
     with DemoAPI(items=items) as api:
@@ -386,7 +386,7 @@ def init(
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of pagesync.yaml (for editors: yaml-language-server)."""
-    from .config import json_schema
+    from ..core.config import json_schema
 
     _print_json(json_schema())
 
@@ -403,7 +403,7 @@ app.add_typer(server_app, name="server")
 @server_app.command("status")
 def server_status(as_json: JsonOpt = False) -> None:
     """Whether this PREFECT_HOME's local Prefect server runs, where, and since when."""
-    from .embedded import ServerFiles
+    from ..prefect.local_server import ServerFiles
 
     files = ServerFiles.here()
     rec = files.read()
@@ -428,7 +428,7 @@ def server_stop(
     ] = False,
 ) -> None:
     """Stop this PREFECT_HOME's local Prefect server (its runs and logs stay in its database)."""
-    from .embedded import ServerFiles, stop_local_server
+    from ..prefect.local_server import ServerFiles, stop_local_server
 
     users = ServerFiles.here().live_clients()
     if users and not force:
@@ -443,7 +443,7 @@ def server_stop(
 
 
 def main() -> None:
-    from . import cli_deploy  # noqa: F401  (registers up and deploy on `app`)
+    from . import deploy  # noqa: F401  (registers up and deploy on `app`)
 
     tls.install()  # before any HTTP client: a run makes seven (see tls)
 
@@ -463,7 +463,7 @@ def exit_now(code: int | str | None) -> NoReturn:
     What matters of an ordinary exit is done first, in its order: Prefect's event and log
     workers send what they hold, then the atexit handlers run (Prefect's, and ours that
     stop or leave the local server after Prefect's last events reached it)."""
-    from .prefect_env import drain_prefect_workers
+    from ..prefect.settings import drain_prefect_workers
 
     drain_prefect_workers(timeout=30)
     if isinstance(code, str):
@@ -473,11 +473,3 @@ def exit_now(code: int | str | None) -> NoReturn:
     sys.stderr.flush()
     atexit._run_exitfuncs()
     os._exit(code or 0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    # `python -m pagesync.cli` runs this file as __main__; the commands that other modules
-    # register go on the app of pagesync.cli, so run that one.
-    from pagesync.cli import main as _main
-
-    _main()

@@ -3,7 +3,7 @@
 Each stream is its own flow, named after it (`flow_for` in pagesync.flows.stream). A runner
 or worker loads a deployment's flow in a fresh process from the deployment's entrypoint, and
 an entrypoint names a module attribute, so this module answers one per stream: the
-entrypoint `pagesync.deploy.items` resolves (PEP 562 module `__getattr__`) to the flow of
+entrypoint `pagesync.prefect.deploy.items` resolves (PEP 562 module `__getattr__`) to the flow of
 stream `items`, named `items`, with as many partitions in flight as its source allows in
 the config that `$PAGESYNC_CONFIG` names (the deployments set it for their runs).
 
@@ -25,8 +25,8 @@ from prefect import Flow
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.utilities.callables import ParameterSchema, parameter_schema
 
-from pagesync.config import Config, Source, load_config
-from pagesync.errors import ConfigError
+from pagesync.core.config import Config, Source, load_config
+from pagesync.core.errors import ConfigError
 from pagesync.flows.stream import flow_for
 
 Kind = Literal["incremental", "backfill"]
@@ -44,7 +44,7 @@ _log = logging.getLogger("pagesync")
 
 
 def entrypoint(stream: str) -> str:
-    """The entrypoint of a stream's flow: `pagesync.deploy.<stream>`.
+    """The entrypoint of a stream's flow: `pagesync.prefect.deploy.<stream>`.
 
     Prefect splits an entrypoint at its last dot (and treats a colon as a file path), so
     those characters are percent-encoded in the attribute name.
@@ -54,7 +54,7 @@ def entrypoint(stream: str) -> str:
 
 
 def __getattr__(name: str) -> Flow[..., Any]:
-    """`pagesync.deploy.<stream>`: the stream's own flow, for entrypoints."""
+    """`pagesync.prefect.deploy.<stream>`: the stream's own flow, for entrypoints."""
     if name.startswith("_"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return stream_flow(unquote(name))

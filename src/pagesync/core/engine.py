@@ -47,21 +47,32 @@ from .streams import make_stream, record_model
 
 log = logging.getLogger("pagesync")
 
-#: Set by a signal handler (SIGTERM, Ctrl-C): every partition stops at its next page.
-STOP = threading.Event()
-_RUNS: set[StreamRun] = set()
 
+class Stop:
+    """A request to stop a run at its next page boundary (SIGTERM, Ctrl-C): every
+    partition ends after its page in progress, and committed pages stay.
 
-def request_stop(reason: str) -> None:
-    """Stop every run in this process at the next page boundary; committed pages stay."""
-    STOP.reason = reason  # type: ignore[attr-defined]
-    STOP.set()
+    One belongs to each run (a served deployment or `pagesync.sync()` called twice in one
+    process must not inherit an earlier run's stop); whoever handles the signal holds it.
+    """
 
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+        self._runs: set[StreamRun] = set()
 
-def abort_requests() -> None:
-    """Close the HTTP clients, so requests still in flight fail now instead of at timeout."""
-    for run in list(_RUNS):
-        run.client.close()
+    def request(self, reason: str) -> None:
+        self.reason = reason
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def abort_requests(self) -> None:
+        """Close the runs' HTTP clients, so requests still in flight fail now instead of at
+        their timeout."""
+        for run in list(self._runs):
+            run.client.close()
 
 
 @dataclass
@@ -116,6 +127,7 @@ class StreamRun:
         scope: str = "",
         observers: list[Observer] | None = None,
         client: SourceClient | None = None,
+        stop: Stop | None = None,
     ) -> None:
         self.config = config
         self.name = stream
@@ -136,7 +148,8 @@ class StreamRun:
         self.fetcher = ThreadPoolExecutor(
             max_workers=self.source.concurrency, thread_name_prefix=f"pagesync-{stream}"
         )
-        _RUNS.add(self)
+        self.stop = stop or Stop()
+        self.stop._runs.add(self)
 
     def prepare(
         self, specs: list[PartitionSpec] | None = None, **plan_kw: Any
@@ -158,7 +171,7 @@ class StreamRun:
         return PartitionRun(self, spec)
 
     def close(self) -> None:
-        _RUNS.discard(self)
+        self.stop._runs.discard(self)
         self.fetcher.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
@@ -270,9 +283,10 @@ class PartitionRun:
         retried step redoes them too.
         """
         while self.next_page <= page:
-            if STOP.is_set():
+            if self.run.stop.is_set():
                 raise Stopped(
-                    f"stopped ({getattr(STOP, 'reason', 'stop requested')}) before page {self.next_page}; committed pages are kept"
+                    f"stopped ({self.run.stop.reason or 'stop requested'}) before page "
+                    f"{self.next_page}; committed pages are kept"
                 )
             try:
                 self.last = self._one_page(task_run_id)

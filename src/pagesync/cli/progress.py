@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from .engine import PartitionOutcome
+from ..core.engine import PartitionOutcome
 
 
 @dataclass

@@ -11,17 +11,16 @@ import gc
 import logging
 import os
 import signal
-import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
 
-from . import embedded, warm
-from .config import Config
-from .engine import PartitionOutcome
-from .prefect_env import configure, reload_prefect_settings
+from ..core.config import Config
+from ..core.engine import PartitionOutcome, Stop
+from ..prefect import local_server
+from ..prefect.settings import configure
 
 
 @dataclass
@@ -64,10 +63,9 @@ def quiet_gc() -> None:
 
     Its oldest generation held everything Prefect is made of, and each full collection
     walked all of it; what is imported by now lives as long as the process, so it is
-    frozen out of the scans (the warm process freezes its imports before it forks). A
-    1,000-record page is thousands of live containers at once, so at Python's threshold
-    every page also set off a few young collections, each walking the page's records
-    (measured together: 120 ms of a 200-page sync in the warm process). Records are freed
+    frozen out of the scans. A 1,000-record page is thousands of live containers at once,
+    so at Python's threshold every page also set off a few young collections, each walking
+    the page's records. Records are freed
     by reference counting; so are the pages' responses, once out of their reference cycle
     (`http._unlinked`), without which this threshold let 25 MB of them pile up in a
     1,000,000-record sync. Garbage cycles are still collected, only less often.
@@ -94,50 +92,50 @@ def run_stream(
     """Run the stream's flow in this process and report how it went (never raises for
     partition failures: those are in the report)."""
     quiet_prefect(verbose)
-    server = embedded.start_if_needed()  # starts while Prefect is imported below
+    server = local_server.start_if_needed()  # starts while Prefect is imported below
     if server is not None:
         console.print(f"[dim]{server_note(server)}[/dim]", highlight=False)
-    if "prefect" in sys.modules:  # imported before the settings above: a warm child
-        reload_prefect_settings()
-    from pagesync.flows import stream as flows_stream  # Prefect is imported only here
+    from pagesync.flows.stream import RunHooks, flow_for, run_hooks  # imports Prefect
 
     quiet_gc()
 
     if server is not None:
         server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
         try:
-            embedded.crash_orphaned_runs()
+            local_server.crash_orphaned_runs()
         except Exception:  # bookkeeping of earlier runs never stops this one
             logging.getLogger("pagesync").debug("marking killed runs Crashed", exc_info=True)
 
     collector = _Collector()
-    extra = [collector, *(observers or [])]
-    flows_stream.OBSERVERS.extend(extra)
+    hooks = RunHooks(observers=[collector, *(observers or [])], stop=Stop())
     handler = _PeopleHandler(console)
     logging.getLogger("pagesync").addHandler(handler)
     stopped: list[int] = []
-    previous = _install_stop_handlers(console, stopped)
+    previous = _install_stop_handlers(console, hooks.stop, stopped)
     try:
         source = config.sources[config.stream(stream).source]
-        flow = flows_stream.flow_for(stream, source.concurrency)
-        state = _in_thread(
-            lambda: _run_flow(
-                flow,
-                local=server is not None,
-                stream=stream,
-                config=str(config.path) if config.path else None,
-                return_state=True,
-                **params,
-            )
-        )
+        flow = flow_for(stream, source.concurrency)
+        if server is not None and server.idle:
+            # On the kept server, nothing else would end this run's flow runs should this
+            # process be killed: the next run marks them Crashed.
+            flow = flow.with_options(on_running=[_note_flow_run])
+
+        def call() -> Any:
+            with run_hooks(hooks):
+                return _run_flow(
+                    flow,
+                    local=server is not None,
+                    stream=stream,
+                    config=str(config.path) if config.path else None,
+                    return_state=True,
+                    **params,
+                )
+
+        state = _in_thread(call)
     finally:
-        for obs in extra:
-            flows_stream.OBSERVERS.remove(obs)
         logging.getLogger("pagesync").removeHandler(handler)
         for signum, old in previous.items():
             signal.signal(signum, old)
-    if server is not None:
-        warm.start_after(server)
     report = RunReport(stream, ok=state.is_completed() and not stopped, outcomes=collector.outcomes)
     report.signal = stopped[0] if stopped else None
     report.flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None
@@ -147,7 +145,11 @@ def run_stream(
     return report
 
 
-def server_note(server: embedded.LocalServer) -> str:
+def _note_flow_run(flow: Any, flow_run: Any, state: Any) -> None:
+    local_server.note_flow_run(str(flow_run.id))
+
+
+def server_note(server: local_server.LocalServer) -> str:
     """One line on the Prefect server a run uses, when pagesync chose it."""
     if server.idle == 0:
         return (
@@ -205,23 +207,22 @@ def _in_thread(fn: Any) -> Any:
     return box["value"]
 
 
-def _install_stop_handlers(console: Console, stopped: list[int]) -> dict[int, Any]:
+def _install_stop_handlers(console: Console, stop: Stop, stopped: list[int]) -> dict[int, Any]:
     """SIGTERM and Ctrl-C stop every partition at its next page; committed pages stay.
 
     Requests still in flight after a few seconds are aborted; a second signal exits at once.
     """
-    from .engine import STOP, abort_requests, request_stop
 
     def on_signal(signum: int, frame: Any) -> None:
-        if STOP.is_set():
+        if stop.is_set():
             os._exit(128 + signum)
         stopped.append(signum)
         name = signal.Signals(signum).name
         console.print(
             f"[yellow]{name}: stopping after the page in progress (again to quit now)[/yellow]"
         )
-        request_stop(name)
-        timer = threading.Timer(3.0, abort_requests)
+        stop.request(name)
+        timer = threading.Timer(3.0, stop.abort_requests)
         timer.daemon = True
         timer.start()
 

@@ -389,24 +389,8 @@ def parse_config(data: Any, *, file: str = "<config>", folder: Path | None = Non
         raise ConfigError(_format_errors(e, data), file=file) from None
 
 
-#: Configs built in Python (`pagesync.sync(config, ...)`), by the `memory:N` name a flow gets.
-IN_MEMORY: dict[str, Config] = {}
-
-
-def register(config: Config) -> str:
-    """A name under which a flow run in this process finds a config built in code."""
-    for key, known in IN_MEMORY.items():
-        if known is config:
-            return key
-    key = f"memory:{len(IN_MEMORY) + 1}"
-    IN_MEMORY[key] = config
-    return key
-
-
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Read, expand and validate a config file; every failure is a ConfigError."""
-    if isinstance(path, str) and path in IN_MEMORY:
-        return IN_MEMORY[path]
     p = config_path(path)
     try:
         text = p.read_text()

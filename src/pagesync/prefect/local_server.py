@@ -43,9 +43,9 @@ from typing import Protocol
 
 import httpx
 
-from .errors import ConfigError
-from .prefect_env import prefect_home
-from .procs import alive
+from ..core.errors import ConfigError
+from ..core.procs import alive
+from .settings import prefect_home
 
 #: What Prefect sets for its own temporary server, plus what a one-shot server can skip.
 SERVER_ENV = {
@@ -220,7 +220,10 @@ class ServerFiles:
         if found is None or not alive(found[1]):
             return None
         with contextlib.suppress(OSError):  # no /proc: trust the pid
-            if b"pagesync.server_process" not in Path(f"/proc/{found[1]}/cmdline").read_bytes():
+            if (
+                b"pagesync.prefect.server_process"
+                not in Path(f"/proc/{found[1]}/cmdline").read_bytes()
+            ):
                 return None
         return found[0]
 
@@ -306,7 +309,7 @@ class LocalServer:
         attached = idle == 0
         with files.log.open("wb") as log:  # its chatter stays out of the CLI
             process = subprocess.Popen(
-                [sys.executable, "-m", "pagesync.server_process", "--port", str(port),
+                [sys.executable, "-m", "pagesync.prefect.server_process", "--port", str(port),
                  "--idle", str(idle), "--home", str(files.home)],
                 env={**os.environ, **SERVER_ENV}, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT,

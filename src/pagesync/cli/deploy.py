@@ -26,9 +26,9 @@ import httpx
 import typer
 from rich.markup import escape
 
-from .cli import ConfigOpt, VerboseOpt, _config, app, err, fail, out
-from .config import Config
-from .prefect_env import configure
+from ..core.config import Config
+from ..prefect.settings import configure
+from .app import ConfigOpt, VerboseOpt, _config, app, err, fail, out
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -252,7 +252,7 @@ def up(
 def _serve(cfg: Config, url: str, *, started_server: bool) -> None:
     from prefect.runner import Runner
 
-    from .deploy import build_deployments, serve_environment
+    from ..prefect.deploy import build_deployments, serve_environment
 
     serve_environment(cfg)
     deployments = build_deployments(cfg)
@@ -279,7 +279,7 @@ def _serve(cfg: Config, url: str, *, started_server: bool) -> None:
 def _print_served(
     cfg: Config, deployments: list[RunnerDeployment], url: str, started: bool
 ) -> None:
-    from .deploy import INCREMENTAL, describe_schedule
+    from ..prefect.deploy import INCREMENTAL, describe_schedule
 
     where = "started by pagesync" if started else "already running"
     out.print(f"[green]✓[/green] Prefect API {url} ({where})")
@@ -389,7 +389,7 @@ def _register(cfg: Config, pool: str, url: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    from .deploy import build_deployments, describe_schedule
+    from ..prefect.deploy import build_deployments, describe_schedule
 
     with get_client(sync_client=True) as client:
         try:

@@ -1,9 +1,9 @@
 """The local Prefect server's process: Prefect's server app under uvicorn, leaving when idle.
 
-Started by `pagesync.embedded` as `python -m pagesync.server_process`. It serves what
+Started by `pagesync.prefect.local_server` as `python -m pagesync.prefect.server_process`. It serves what
 `uvicorn --factory prefect.server.api.server:create_app` serves (the settings come from
 its environment), and counts the requests in flight: with `--idle` above zero it leaves
-once no run uses it (see `pagesync.embedded`) and it has served nothing for that long.
+once no run uses it (see `pagesync.prefect.local_server`) and it has served nothing for that long.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pagesync.embedded import ServerFiles, locked
+from pagesync.prefect.local_server import ServerFiles, locked
 
 #: How often the server asks itself whether to leave.
 TICK = 1.0
@@ -58,7 +58,7 @@ async def leave_when_idle(server: Any, activity: Activity, files: ServerFiles, i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pagesync.server_process")
+    p = argparse.ArgumentParser(prog="python -m pagesync.prefect.server_process")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--idle", type=float, required=True)
     p.add_argument("--home", type=Path, required=True)

@@ -1,0 +1,3 @@
+from pagesync.cli import main
+
+main()
