@@ -115,6 +115,12 @@ class DemoAPIProcess:
         if seconds > 0:
             self._control("POST", "faults", {"kind": "slow", "delay": seconds, "times": -1})
 
+    def request_times(self) -> list[float]:
+        """When each request since the last `forget_requests` arrived (Unix time)."""
+        response = httpx.get(f"{self.url}/_control/requests", timeout=30)
+        response.raise_for_status()
+        return [r["at"] for r in response.json()]
+
     def forget_requests(self) -> None:
         """The API logs every request in memory; keep that flat between runs."""
         self._control("DELETE", "requests")
@@ -223,21 +229,6 @@ def local_server() -> psutil.Process | None:
         return psutil.Process(int(str(rec["pid"]))) if rec else None
     except psutil.Error:
         return None
-
-
-def warm_process() -> psutil.Process | None:
-    """The warm pagesync process of the bench's PREFECT_HOME, if one runs."""
-    for proc in psutil.process_iter(["cmdline", "ppid"]):
-        try:
-            if (
-                proc.info["cmdline"][-2:] == ["-m", "pagesync.warm"]
-                and proc.environ().get("PREFECT_HOME") == str(PREFECT_HOME)
-                and "pagesync.warm" not in " ".join(psutil.Process(proc.info["ppid"]).cmdline())
-            ):
-                return proc  # fmt: skip
-        except (psutil.Error, TypeError):
-            continue
-    return None
 
 
 def stop_local_server() -> None:

@@ -103,12 +103,9 @@ def _role(proc: psutil.Process, root_pid: int) -> str:
 class _Sampler(threading.Thread):
     """Polls the tree: peak RSS (total and per role) and each process's latest CPU time."""
 
-    def __init__(
-        self, root: psutil.Process, interval: float, warm: psutil.Process | None = None
-    ) -> None:
+    def __init__(self, root: psutil.Process, interval: float) -> None:
         super().__init__(name="bench-sampler", daemon=True)
         self.root = root
-        self.warm = warm
         self.interval = interval
         self.halt = threading.Event()
         self.peak = {"total": 0, "client": 0, "server": 0, "other": 0}
@@ -127,10 +124,6 @@ class _Sampler(threading.Thread):
             procs = [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
             return
-        with contextlib.suppress(psutil.Error):  # the run a warm process forked is the client
-            for proc in self.warm.children(recursive=True) if self.warm else []:
-                self.roles[proc.pid] = "client"
-                procs.append(proc)
         rss = {"total": 0, "client": 0, "server": 0, "other": 0}
         for proc in procs:
             try:
@@ -151,17 +144,6 @@ class _Sampler(threading.Thread):
 
     def last_cpu(self, role: str) -> float:
         return sum(cpu for r, cpu in self.cpu.values() if r == role)
-
-
-def _reaped(proc: psutil.Process | None) -> float:
-    """CPU seconds of the children `proc` has reaped."""
-    if proc is None:
-        return 0.0
-    try:
-        times = proc.cpu_times()
-    except psutil.Error:
-        return 0.0
-    return float(times.children_user + times.children_system)
 
 
 def kill_tree(pid: int) -> None:
@@ -189,16 +171,12 @@ def measure(
     *,
     log: Path,
     watch: Mapping[str, psutil.Process] | None = None,
-    warm: psutil.Process | None = None,
     interval: float = 0.05,
     timeout: float = 3600.0,
     cwd: Path | None = None,
 ) -> Measurement:
-    """Run `cmd` to completion with stdout and stderr in `log`, and measure it. The run a
-    `warm` pagesync process forks for it counts as the command's own process (its CPU is
-    exact: the warm process reaps it before the command exits)."""
+    """Run `cmd` to completion with stdout and stderr in `log`, and measure it."""
     watch = dict(watch or {})
-    warm_before = _reaped(warm)
     before = {name: _cpu(p.cpu_times()) for name, p in watch.items()}
     busy_before = _machine_busy()
     with open(log, "wb") as out:
@@ -208,7 +186,7 @@ def measure(
             list(cmd), env=dict(env), stdout=out, stderr=subprocess.STDOUT, cwd=cwd
         )
     root = psutil.Process(proc.pid)
-    sampler = _Sampler(root, interval, warm)
+    sampler = _Sampler(root, interval)
     sampler.start()
     timer = threading.Timer(timeout, kill_tree, args=(proc.pid,))
     timer.start()
@@ -223,7 +201,7 @@ def measure(
         sampler.halt.set()
         sampler.join()
     times = root.cpu_times()
-    client_cpu = _cpu(times) + _reaped(warm) - warm_before
+    client_cpu = _cpu(times)
     reaped_children = float(times.children_user + times.children_system)
     returncode = proc.wait()
     after = {name: _cpu(p.cpu_times()) for name, p in watch.items()}

@@ -9,7 +9,7 @@ synchronous=NORMAL), so the comparison is of the work, not of the durability set
     python bench/raw_loop.py URL --sqlite FILE
     python bench/raw_loop.py URL --postgres CONNINFO --schema NAME
 
-Prints one JSON line: {"pages": N, "records": M}.
+Prints one JSON line: {"pages": N, "records": M, "last_commit": UNIX_TIME}.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sqlite3
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -128,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     conn, postgres = connect(args)
     try:
         pages, records = sync(args.url, conn, postgres, args.max_pages)
+        last_commit = time.time()  # right after sync()'s last commit
     finally:
         conn.close()
-    sys.stdout.write(orjson.dumps({"pages": pages, "records": records}).decode() + "\n")
+    done = {"pages": pages, "records": records, "last_commit": last_commit}
+    sys.stdout.write(orjson.dumps(done).decode() + "\n")
     return 0
 
 

@@ -16,8 +16,7 @@ Scenarios (`--only NAME[,NAME...]`):
               --postgres)
 
 Results: tables on stdout, everything measured in bench/results/<time>.json. The method
-(what is measured and how) is in measure.py; the figures are in the README's Performance
-section.
+(what is measured and how) is in measure.py; the figures are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -61,7 +60,6 @@ from harness import (
     sqlite_count,
     sqlite_url,
     stop_local_server,
-    warm_process,
     write_config,
 )
 from measure import Measurement, measure
@@ -103,6 +101,8 @@ METRICS: dict[str, Callable[[Measurement], float | None]] = {
     "api_cpu_s": api_cpu,
     "total_cpu_s": lambda m: m.tree_cpu_s + api_cpu(m),
     "background_cores": lambda m: m.background_cores,
+    "start_to_first_request_s": partial(_phase, start="started", end="first_request"),
+    "sync_phase_s": partial(_phase, start="first_request", end="last_commit"),
     "start_to_first_commit_s": partial(_phase, start="started", end="first_commit"),
     "first_to_last_commit_s": partial(_phase, start="first_commit", end="last_commit"),
     "last_commit_to_exit_s": partial(_phase, start="last_commit", end="exited"),
@@ -216,9 +216,10 @@ class Bench:
             watch["server"] = self.server.process
         elif prefect and not self.args.cold and (kept := local_server()) is not None:
             watch["server"] = kept
-        warm = warm_process() if prefect else None
-        m = measure(cmd, env, log=self.work / f"{label}.log", watch=watch, warm=warm,
+        m = measure(cmd, env, log=self.work / f"{label}.log", watch=watch,
                     timeout=self.args.timeout)  # fmt: skip
+        if m.ok and (arrived := api.request_times()):
+            m.facts["first_request"] = min(arrived)
         return m
 
     def done(self, label: str, m: Measurement) -> None:
@@ -264,7 +265,7 @@ class Bench:
         self.expect(m, count, records)
         if m.ok:
             times = [t.timestamp() for t in commits()]
-            m.facts = {"pages": len(times), "first_commit": times[0], "last_commit": times[-1]}
+            m.facts.update(pages=len(times), first_commit=times[0], last_commit=times[-1])
         remove_sqlite(db)
         self.done(label, m)
         return m
@@ -294,6 +295,8 @@ class Bench:
         m = self.measure(label, raw_cmd(api.first_page(page_size), *where), plain_env(), api)
         if records is not None:
             self.expect(m, count, records)
+        if m.ok and (last := raw_last_commit(m.log)) is not None:
+            m.facts["last_commit"] = last
         remove_sqlite(db)
         self.done(label, m)
         return m
@@ -369,10 +372,16 @@ def walls(runs: dict[str, list[Measurement]]) -> str:
 
 
 PHASE_ROWS = [
+    ("  start -> first request (s)", "start_to_first_request_s"),
+    ("  first request -> last commit: the sync (s)", "sync_phase_s"),
     ("  start -> first page committed (s)", "start_to_first_commit_s"),
     ("  first -> last page committed (s)", "first_to_last_commit_s"),
     ("  last page committed -> exit (s)", "last_commit_to_exit_s"),
 ]
+
+
+#: Phases the raw loop has too: the whole command's start, and the sync itself.
+RATIO_PHASES = frozenset({"start_to_first_request_s", "sync_phase_s"})
 
 
 def compare_rows(raw: Figures | None, ps: Figures | None, records: int) -> list[list[str]]:
@@ -382,7 +391,9 @@ def compare_rows(raw: Figures | None, ps: Figures | None, records: int) -> list[
     rows = [
         ["wall time (s)", fmt(get(raw, "wall_s")), fmt(get(ps, "wall_s")),
          ratio(get(ps, "wall_s"), get(raw, "wall_s"))],
-        *([name, "", fmt(get(ps, key)), ""] for name, key in PHASE_ROWS),
+        *([name, fmt(get(raw, key)), fmt(get(ps, key)),
+           ratio(get(ps, key), get(raw, key)) if key in RATIO_PHASES else ""]
+          for name, key in PHASE_ROWS),
         ["records/s", fmt(raw_rate, 0), fmt(ps_rate, 0), ratio(ps_rate, raw_rate)],
         ["peak RSS, process tree (MB)", fmt(get(raw, "peak_rss_mb"), 0),
          fmt(get(ps, "peak_rss_mb"), 0), ratio(get(ps, "peak_rss_mb"), get(raw, "peak_rss_mb"))],
@@ -435,11 +446,28 @@ def scenario_full(b: Bench, *, pg: Postgres | None = None) -> None:
     limit = 1.5 if pg else 1.25 if size >= 1000 else 2.0 if size >= 100 else None
     if limit is not None:
         text += f"\nwall-time ratio pagesync/raw, {verdict(wall_ratio, limit, 'x')}"
+    sync_ratio = _ratio_of(ps, raw, "sync_phase_s")
+    sync_limit = 1.15 if size >= 1000 else 1.6 if size >= 100 else None
+    if sync_limit is not None and not pg:
+        text += f"\nsync-phase ratio pagesync/raw, {verdict(sync_ratio, sync_limit, 'x')}"
     b.show(text)
     b.report[f"{name}-{size}"] = {
         "records": n, "page_size": size, "pages": pages, "medians": {"raw": raw, "pagesync": ps},
-        "wall_ratio": wall_ratio, "runs": dump(runs),
+        "wall_ratio": wall_ratio, "sync_ratio": sync_ratio, "runs": dump(runs),
     }  # fmt: skip
+
+
+def _ratio_of(a: Figures | None, b: Figures | None, key: str) -> float | None:
+    x, y = get(a, key), get(b, key)
+    return x / y if x is not None and y else None
+
+
+def raw_last_commit(log: Path) -> float | None:
+    """The raw loop's last commit (Unix time), from the JSON line it prints at the end."""
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith("{"):
+            return json.loads(line).get("last_commit")
+    return None
 
 
 def scenario_overhead(b: Bench) -> None:
@@ -554,13 +582,18 @@ def scenario_startup(b: Bench) -> None:
     a = b.args
     size = a.startup_page_size
     runs: list[Measurement] = []
+    imports: list[Measurement] = []
     with DemoAPIProcess(max(size, 1000)) as api:
         b.warm(api)
         b.say(f"\nstartup: a one-page stream of {size} records, {a.rounds} rounds")
         for r in range(1, a.rounds + 1):
+            imports.append(measure([sys.executable, "-c", "import prefect"], plain_env(),
+                                   log=b.work / f"import-prefect-{r}.log"))  # fmt: skip
+            b.done(f"import-prefect-{r}", imports[-1])
             one = {"items": items_stream(size, single=True)}
             runs.append(b.pagesync(f"startup-{r}", api, one, size))
     ok = [m for m in runs if m.ok]
+    import_s = statistics.median(m.wall_s for m in imports)
 
     def spread(key: str) -> list[str]:
         values = [v for v in (METRICS[key](m) for m in ok) if v is not None]
@@ -570,6 +603,11 @@ def scenario_startup(b: Bench) -> None:
 
     rows = [
         ["wall time (s)", *spread("wall_s")],
+        [
+            "`python -c 'import prefect'` (s)",
+            *(fmt(f(m.wall_s for m in imports)) for f in (statistics.median, min, max)),
+        ],
+        ["start -> first request (s)", *spread("start_to_first_request_s")],
         ["start -> page committed (s)", *spread("start_to_first_commit_s")],
         ["page committed -> process exit (s)", *spread("last_commit_to_exit_s")],
         ["client CPU (s)", *spread("client_cpu_s")],
@@ -582,9 +620,16 @@ def scenario_startup(b: Bench) -> None:
     text = table(title, ["", "median", "min", "max"], rows)
     med = medians(runs)
     text += f"\nwall time, {verdict(get(med, 'wall_s'), 3, ' s')}"
-    text += f"\nlast commit -> exit, {verdict(get(med, 'last_commit_to_exit_s'), 0.5, ' s')}"
+    first = get(med, "start_to_first_request_s")
+    overhead = None if first is None else first - import_s
+    text += ("\nstart overhead (start -> first request, less `import prefect`), "
+             f"{verdict(overhead, 0.5, ' s')}")  # fmt: skip
+    text += f"\nlast commit -> exit, {verdict(get(med, 'last_commit_to_exit_s'), 0.2, ' s')}"
     b.show(text)
-    b.report["startup"] = {"page_size": size, "medians": med, "runs": dump({"pagesync": runs})}
+    b.report["startup"] = {
+        "page_size": size, "medians": med, "import_prefect_s": import_s,
+        "start_overhead_s": overhead, "runs": dump({"pagesync": runs, "import": imports}),
+    }  # fmt: skip
 
 
 def scenario_memory(b: Bench) -> None:

@@ -28,7 +28,7 @@ _lock = threading.Lock()
 
 def load() -> None:
     """Read PAGESYNC_CRASH_AT (at import, and again in a process forked with a new
-    environment: a warm child, the chaos test's runs), and start counting afresh."""
+    environment: the chaos test's runs), and start counting afresh."""
     global _target
     spec = os.environ.get("PAGESYNC_CRASH_AT")
     _target = None

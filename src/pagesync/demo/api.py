@@ -635,6 +635,7 @@ class DemoAPI:
                     "query": dict(req.query),
                     "headers": req.headers,
                     "fault": chosen.kind if chosen else None,
+                    "at": time.time(),
                 }
             )
             return chosen

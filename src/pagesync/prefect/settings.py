@@ -27,7 +27,7 @@ DEFAULTS = {
 
 def prefect_home(env: Mapping[str, str] = os.environ) -> Path:
     """PREFECT_HOME as Prefect resolves it, read without importing Prefect (the local
-    server, its runs and the warm process all live there)."""
+    server and its runs live there)."""
     return Path(env.get("PREFECT_HOME", "~/.prefect")).expanduser()
 
 
