@@ -10,6 +10,7 @@ from conftest import STREAMS, write_config
 from helpers import assert_counters_match_log, assert_exactly_once, partition_rows, rows
 
 from pagesync.core.config import load_config
+from pagesync.core.errors import ConfigError
 from pagesync.core.store import Store
 from pagesync.demo.api import DemoAPI
 
@@ -96,3 +97,42 @@ def test_separate_destination_is_at_least_once_without_duplicates(
     sync(path, "items")
     sync(path, "items", full_refresh=True)  # everything again: upserted, not duplicated
     assert_exactly_once(dest, "items", [i["id"] for i in api.items])
+
+
+def test_a_stop_belongs_to_its_run(tmp_path: Path, api: DemoAPI) -> None:
+    """A run whose stop was requested ends at a page boundary with its partition
+    incomplete; the next run in the same process (a served deployment, `pagesync.sync()`
+    called again) is not stopped by it and resumes what the first one committed."""
+    import pagesync
+    from pagesync.core.engine import Stop
+    from pagesync.flows import RunHooks, flow_for, run_hooks
+
+    path = write_config(tmp_path, api.url, {"items": STREAMS["cursor"]})
+    stop = Stop()
+    stop.request("test")
+    with run_hooks(RunHooks(stop=stop)), pytest.raises(ExceptionGroup) as failed:
+        flow_for("items")(stream="items", config=str(path))
+    assert "stopped (test)" in str(failed.value.exceptions[0])
+    db = f"sqlite:///{tmp_path / 'pagesync.db'}"
+    [part] = partition_rows(db, "items")
+    assert part["status"] == "incomplete"
+
+    summary = pagesync.sync(str(path), "items")
+    assert summary["complete"] == 1 and summary["records"] == len(api.items)
+    assert_exactly_once(db, "items", [i["id"] for i in api.items])
+
+
+def test_a_config_built_in_code_is_used_by_its_run_only(tmp_path: Path, api: DemoAPI) -> None:
+    """`pagesync.sync(config)` runs the config object it was given (not the file at its
+    path), and nothing of it stays registered in the process after the run."""
+    import pagesync
+    import pagesync.flows.stream as flows_stream
+
+    path = write_config(tmp_path, api.url, {"items": STREAMS["cursor"]})
+    cfg = pagesync.load_config(path)
+    renamed = cfg.extend(streams={"copy": {**STREAMS["cursor"], "source": "shop"}})
+    summary = pagesync.sync(renamed, "copy")  # "copy" is not in the file
+    assert summary["records"] == len(api.items)
+    assert flows_stream._HOOKS.get() is None
+    with pytest.raises(ConfigError, match="copy"):
+        pagesync.sync(str(path), "copy")  # the file itself has no such stream
