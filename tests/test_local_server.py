@@ -224,3 +224,48 @@ def test_a_run_is_set_up_for_speed(tmp_path: Path, api: DemoAPI) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     [line] = [x for x in done.stdout.splitlines() if x.startswith("AT-EXIT")]
     assert line.split()[1:] == ["LazyCAContext", str(GC_THRESHOLD), "True"]
+
+
+def test_the_kept_server_answers_its_user_only(tmp_path: Path, api: DemoAPI) -> None:
+    """The kept server asks every API request for the secret pagesync wrote, mode 0600, in
+    PREFECT_HOME; runs use it, `server status` shows it, and it is nowhere else: not in
+    the run's output, the server's log or its database."""
+    import base64
+    import stat
+
+    import httpx
+
+    home = tmp_path / "prefect-home"
+    path = write_config(tmp_path, api.url, {"items": STREAMS["next_url"]})
+    env = _env(home)
+    done = _cli(env, "run", "items", "-c", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    secret_file = home / "pagesync-server.secret"
+    secret = secret_file.read_text().strip()
+    assert len(secret) > 40 and stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    url = str(_record(home)["api_url"])
+
+    anonymous = httpx.post(f"{url}/flow_runs/filter", json={}, timeout=30)
+    wrong = httpx.post(f"{url}/flow_runs/filter", json={}, timeout=30, auth=("pagesync", "x"))
+    token = base64.b64encode(secret.encode()).decode()
+    own = httpx.post(
+        f"{url}/flow_runs/filter", json={}, timeout=30, headers={"Authorization": f"Basic {token}"}
+    )
+    assert anonymous.status_code == 401 and wrong.status_code == 401
+    assert own.status_code == 200 and [r["name"] for r in own.json()] == ["items"]
+
+    again = _cli(env, "run", "items", "-c", str(path))  # reuses it, with the secret
+    assert again.returncode == 0 and "using the local Prefect server" in again.stderr, again.stderr
+    status = json.loads(_cli(env, "server", "status", "--json").stdout)
+    assert status["auth_string"] == secret and status["api_url"] == url
+    assert secret in _cli(env, "server", "status").stdout
+
+    stopped = _cli(env, "server", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    for out in (done.stdout, done.stderr, again.stdout, again.stderr, stopped.stdout):
+        assert secret not in out
+    token_forms = {secret.encode(), token.encode()}
+    for file in home.rglob("*"):
+        if file.is_file() and file != secret_file:
+            data = file.read_bytes()
+            assert not any(form in data for form in token_forms), file

@@ -402,13 +402,21 @@ app.add_typer(server_app, name="server")
 
 @server_app.command("status")
 def server_status(as_json: JsonOpt = False) -> None:
-    """Whether this PREFECT_HOME's local Prefect server runs, where, and since when."""
+    """Whether this PREFECT_HOME's local Prefect server runs, where, since when, and the
+    secret its API and UI ask for."""
     from ..prefect.local_server import ServerFiles
 
     files = ServerFiles.here()
     rec = files.read()
+    secret = None
+    if rec is not None:
+        try:
+            secret = files.read_secret()
+        except ConfigError as e:
+            raise fail(str(e)) from None
     if as_json:
-        _print_json({"running": rec is not None, "clients": files.live_clients(), **(rec or {})})
+        _print_json({"running": rec is not None, "clients": files.live_clients(), **(rec or {}),
+                     **({"auth_string": secret} if secret else {})})  # fmt: skip
         return
     if rec is None:
         out.print(f"No local Prefect server runs for {files.home}.")
@@ -419,6 +427,7 @@ def server_status(as_json: JsonOpt = False) -> None:
         f"{since:%Y-%m-%d %H:%M:%S} UTC, leaves {float(str(rec['idle'])):g} s after its last run; "
         f"runs using it now: {len(files.live_clients())})."
     )
+    out.print(f"Its API asks for a secret (PREFECT_API_AUTH_STRING for Prefect clients): {secret}")
 
 
 @server_app.command("stop")

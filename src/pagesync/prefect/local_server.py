@@ -14,6 +14,14 @@ What a local server has no use for is off: automation triggers and the event fee
 event persister); runs, task runs, logs and artifacts are all kept, and the task run
 recorder writes them in batches (a transaction per batch of events, not per event).
 
+The server is the user's alone: it listens on loopback and asks every request (but the
+health check) for Prefect's own API authentication (`server.api.auth_string`), a random
+secret written with mode 0600 in `PREFECT_HOME/pagesync-server.secret` when the server
+starts; pagesync's runs read it and give it to Prefect as `api.auth_string`, and
+`pagesync server status` shows it for the UI's login. (Prefect's `prefect server start
+--background` would give a kept server too, but neither leaves when idle nor lets runs
+join it under a lock, which is what makes reuse safe here.)
+
 Which server belongs to a PREFECT_HOME is written in `PREFECT_HOME/pagesync-server.json`;
 every run using it has a file named after its pid in `pagesync-server.clients/`, and the
 server leaves only when none of those processes lives and it has served no request for
@@ -30,6 +38,7 @@ import fcntl
 import importlib.metadata
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -197,6 +206,32 @@ class ServerFiles:
         return self.home / "pagesync-server.clients"
 
     @property
+    def secret(self) -> Path:
+        """The server's API secret (`server.api.auth_string`), readable by its user only."""
+        return self.home / "pagesync-server.secret"
+
+    def write_secret(self, value: str) -> None:
+        """Write a kept server's secret with mode 0600 from the first byte (created under
+        another name, then moved over the old one)."""
+        tmp = self.secret.with_name(f".{self.secret.name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(value)
+        tmp.replace(self.secret)
+
+    def read_secret(self) -> str:
+        """The running server's secret; a ConfigError naming the file if it cannot be read
+        (another user's PREFECT_HOME, say)."""
+        try:
+            return self.secret.read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read the local Prefect server's secret ({e.strerror}); use your own "
+                "PREFECT_HOME, or set PREFECT_API_URL", file=str(self.secret),
+            ) from None  # fmt: skip
+
+    @property
     def log(self) -> Path:
         return self.home / "pagesync-embedded-server.log"
 
@@ -284,9 +319,10 @@ class _Pid:
         return self.returncode
 
 
-def _identity() -> dict[str, str]:
-    """What a reused server must have been started with: this environment and this Prefect."""
-    return {"python": sys.prefix, "prefect": importlib.metadata.version("prefect")}
+def _identity() -> dict[str, object]:
+    """What a reused server must have been started with: this environment and this Prefect,
+    and an API that asks for the secret."""
+    return {"python": sys.prefix, "prefect": importlib.metadata.version("prefect"), "auth": 1}
 
 
 class LocalServer:
@@ -295,9 +331,10 @@ class LocalServer:
 
     def __init__(
         self, api_url: str, process: subprocess.Popen[bytes] | _Pid, log_path: Path, *,
-        reused: bool, idle: float,
+        reused: bool, idle: float, secret: str,
     ) -> None:  # fmt: skip
         self.api_url = api_url
+        self.secret = secret
         self.process = process
         self.log_path = log_path
         self.reused = reused
@@ -307,18 +344,23 @@ class LocalServer:
     def start(cls, files: ServerFiles, idle: float) -> LocalServer:
         port = free_port()
         attached = idle == 0
+        secret = f"pagesync:{secrets.token_urlsafe(32)}"
+        if not attached:  # a server that dies with its run needs it in this process only
+            files.write_secret(secret)
+        env = {**os.environ, **SERVER_ENV, "PREFECT_SERVER_API_AUTH_STRING": secret}
         with files.log.open("wb") as log:  # its chatter stays out of the CLI
             process = subprocess.Popen(
                 [sys.executable, "-m", "pagesync.prefect.server_process", "--port", str(port),
                  "--idle", str(idle), "--home", str(files.home)],
-                env={**os.environ, **SERVER_ENV}, stdin=subprocess.DEVNULL, stdout=log,
+                env=env, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT,
                 # Attached: dies with this process. Kept: out of the terminal's process
                 # group, so a Ctrl-C meant for the run does not reach it.
                 preexec_fn=_die_with_parent if attached else None,
                 start_new_session=not attached,
             )  # fmt: skip
-        server = cls(f"http://127.0.0.1:{port}/api", process, files.log, reused=False, idle=idle)
+        server = cls(f"http://127.0.0.1:{port}/api", process, files.log, reused=False,
+                     idle=idle, secret=secret)  # fmt: skip
         if attached:
             # Registered before Prefect is imported, so it runs after Prefect's own exit
             # handlers have sent their last events and logs to this server.
@@ -336,7 +378,8 @@ class LocalServer:
         if rec is None or any(rec.get(k) != v for k, v in _identity().items()):
             return None
         return cls(str(rec["api_url"]), _Pid(int(str(rec["pid"]))), files.log,
-                   reused=True, idle=float(str(rec["idle"])))  # fmt: skip
+                   reused=True, idle=float(str(rec["idle"])),
+                   secret=files.read_secret())  # fmt: skip
 
     def wait(self, timeout: float) -> None:
         """Until the server answers; a clear error if it exits or never answers."""
@@ -377,6 +420,7 @@ def start_if_needed() -> LocalServer | None:
         # Registered before Prefect is imported: runs after Prefect's exit handlers.
         atexit.register(me.unlink, missing_ok=True)
     os.environ["PREFECT_API_URL"] = server.api_url
+    os.environ["PREFECT_API_AUTH_STRING"] = server.secret
     return server
 
 
