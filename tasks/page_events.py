@@ -12,8 +12,9 @@ it with Prefect's own events client (the same websocket, authentication, reconne
 resending of unconfirmed events) from one thread of its own, woken only when idle.
 
 Where Prefect would not send to a Prefect API with one of its two websocket clients (test
-harnesses, process pool forwarding), `EventSender.usable()` is False and the page events
-go through Prefect's `emit_event` as before.
+harnesses, process pool forwarding), `EventSender.usable()` is False, and where this
+module's events differ from Prefect's (`event_check`), the page events are built and sent
+by Prefect itself (`emit_the_prefect_way`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 from uuid import UUID
 
 import orjson
+from prefect.client.schemas.objects import State, StateDetails, StateType, TaskRun
 from prefect.events.utilities import TIGHT_TIMING  # `follows` only for events this close
 from prefect.utilities.text import truncated_to
 
@@ -68,6 +70,13 @@ class PageState:
         self.id, self.type, self.name, self.timestamp = id, type, name, timestamp
         self.message = truncated_to(MESSAGE_LIMIT, message)
         self.details = details or {}
+
+    def as_prefect(self) -> State[Any]:
+        """The same state as Prefect's model."""
+        return State(
+            id=self.id, type=StateType(self.type), name=self.name, timestamp=self.timestamp,
+            message=self.message or None, state_details=StateDetails(**self.details),
+        )  # fmt: skip
 
     def as_payload(self) -> dict[str, Any]:
         return {
@@ -129,23 +138,26 @@ def state_change_event(
 
 
 class _Follows:
-    """What `emit_event` reads of the event its event follows."""
+    """What Prefect reads of the event an event follows: its id and when it occurred."""
 
     def __init__(self, id: UUID, occurred: datetime) -> None:
         self.id, self.occurred = id, occurred
 
 
-def emit_with_prefect(event: dict[str, Any], follows: tuple[UUID, datetime] | None) -> None:
-    """Send `event` the way Prefect sends one (when `EventSender.usable()` is False)."""
-    from prefect.events import emit_event
+def emit_the_prefect_way(
+    task_run: TaskRun,
+    initial: State[Any] | None,
+    validated: State[Any],
+    follows: tuple[UUID, datetime] | None,
+) -> None:
+    """Send a state change with Prefect's own builder and events worker (where this
+    module's sender cannot be used, or builds events unlike Prefect's)."""
+    from prefect.utilities.engine import emit_task_run_state_change_event
 
-    emit_event(
-        event=event["event"],
-        resource=event["resource"],
-        occurred=datetime.fromisoformat(event["resource"]["prefect.state-timestamp"]),
-        related=event["related"],
-        payload=event["payload"],
-        id=UUID(event["id"]),
+    emit_task_run_state_change_event(
+        task_run=task_run,
+        initial_state=initial,
+        validated_state=validated,
         follows=_Follows(*follows) if follows else None,  # type: ignore[arg-type]
     )
 
@@ -187,14 +199,16 @@ class EventSender:
         self._client_spec = (worker.client_type, dict(worker.client_options))
         return True
 
-    def related(self) -> list[dict[str, str]] | None:
+    def related(self, exclude: set[str] | None = None) -> list[dict[str, str]] | None:
         """The related resources Prefect's events worker attaches to an event sent in the
-        caller's run context (its flow run, flow, deployment, tags, task run); None if
-        this sender could not connect."""
+        caller's run context (its flow run, flow, deployment, tags, task run), but those
+        in `exclude`; None if this sender could not connect."""
         from prefect.events.related import related_resources_from_run_context
 
         async def lookup() -> list[dict[str, str]]:
-            found = await related_resources_from_run_context(client=self._orchestration)
+            found = await related_resources_from_run_context(
+                client=self._orchestration, exclude=exclude or set()
+            )
             return [dict(r.root) for r in found]
 
         loop = self._started()

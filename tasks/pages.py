@@ -23,6 +23,7 @@ every page that runs long enough to be seen running.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -31,9 +32,9 @@ from collections import deque
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from prefect._internal.uuid7 import uuid7
 from prefect.client.schemas.objects import (
     TERMINAL_STATES,
+    State,
     StateType,
     TaskRun,
     TaskRunPolicy,
@@ -45,7 +46,7 @@ from prefect.logging.loggers import task_run_logger
 from pagesync.core.engine import PageResult, PartitionRun
 from pagesync.core.errors import LeaseLost
 
-from . import page_events
+from . import event_check, page_events
 from .page_events import PageState
 
 log = logging.getLogger("pagesync.pages")
@@ -87,6 +88,9 @@ class PageTaskRuns:
         self.template = self._task_run(0, uuid.uuid4()).model_dump(
             mode="json", exclude_none=True, exclude=set(page_events.TASK_RUN_EXCLUDE)
         )
+        # The partition's run context: states sent from the watch thread carry its flow
+        # run and task run too, whichever way they are sent.
+        self.context = contextvars.copy_context()
         self.related: list[dict[str, str]] = []
         if self.lean:  # else Prefect's events worker looks them up for every event
             try:
@@ -94,8 +98,8 @@ class PageTaskRuns:
             except Exception:
                 log.warning("could not look up the run's related resources", exc_info=True)
                 related = None
-            self.lean = related is not None
             self.related = related or []
+            self.lean = related is not None and event_check.ours_match(self._both_builds)
 
     def __call__(self, part: PartitionRun, page: int) -> PageResult:
         run = _Recorded(self, page)
@@ -132,6 +136,20 @@ class PageTaskRuns:
         """Wait until the pages' events are sent (at the partition's end)."""
         if self.lean:
             self.sender.flush(timeout)
+
+    def _both_builds(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A synthetic page's Completed event (after a held Running state, with a message),
+        built by pagesync and, captured unsent, by Prefect with its worker's related
+        resources: for `event_check`."""
+        page = _Recorded(self, 0)
+        page.hold(RUNNING, "Running")
+        page._move(COMPLETED, "Completed", "committed 0 records · page 0")
+        ours = page.event()
+        task_run, initial, state = page.as_prefect()
+        theirs = event_check.built_by_prefect(task_run, initial, state)
+        involved = {theirs["resource"]["prefect.resource.id"]}
+        theirs["related"] = [*theirs["related"], *(self.sender.related(involved) or [])]
+        return ours, theirs
 
     def _task_run(self, page: int, task_run_id: uuid.UUID) -> TaskRun:
         """The page's task run as a Prefect model: for the template and the task run's logs."""
@@ -199,7 +217,7 @@ class _Recorded:
             if last.type == RUNNING:
                 self.total += now - last.timestamp
         details = {"scheduled_time": page_events.json_time(scheduled)} if scheduled else None
-        state = PageState(uuid7(), type, name, now, message, details)
+        state = PageState(uuid.uuid4(), type, name, now, message, details)
         tr = self.task_run
         if type == RUNNING:
             tr["run_count"] += 1
@@ -214,16 +232,31 @@ class _Recorded:
         if self.held:
             self._send()
 
+    def event(self) -> dict[str, Any]:
+        """The state change event of the current state, as pagesync builds it."""
+        assert self.state is not None
+        return page_events.state_change_event(
+            self.task_run, self.id, self.runs.related, self.previous, self.state, self.follows
+        )
+
+    def as_prefect(self) -> tuple[TaskRun, State[Any] | None, State[Any]]:
+        """The task run and its last two states as Prefect's models."""
+        assert self.state is not None
+        flow_run = self.runs.flow_run
+        task_run = TaskRun.model_validate(
+            {**self.task_run, "id": self.id, "flow_run_id": flow_run.id if flow_run else None}
+        )
+        initial = self.previous.as_prefect() if self.previous else None
+        return task_run, initial, self.state.as_prefect()
+
     def _send(self) -> None:
         state, runs = self.state, self.runs
         assert state is not None
-        event = page_events.state_change_event(
-            self.task_run, self.id, runs.related, self.previous, state, self.follows
-        )
         if runs.lean:
-            runs.sender.send(state.id, event)
-        else:
-            page_events.emit_with_prefect(event, self.follows)
+            runs.sender.send(state.id, self.event())
+        else:  # in the partition's context, whichever thread sends
+            runs.context.copy().run(page_events.emit_the_prefect_way, *self.as_prefect(),
+                                    self.follows)  # fmt: skip
         self.follows = (state.id, state.timestamp)
         self.held = False
 

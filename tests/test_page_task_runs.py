@@ -33,20 +33,27 @@ def test_a_page_task_run_is_named_after_stream_partition_and_page() -> None:
     assert recorded.task_run["dynamic_key"] == str(recorded.id)
 
 
+class Sink:
+    """Takes the place of the page events' sender: keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def send(self, event_id: uuid.UUID, event: dict[str, Any]) -> None:
+        assert str(event_id) == event["id"]
+        self.events.append(event)
+
+
 @pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[dict[str, Any], Any]]:
-    """The page events, captured where they would go to Prefect's emit_event."""
-    out: list[tuple[dict[str, Any], Any]] = []
-    monkeypatch.setattr(
-        page_events, "emit_with_prefect", lambda ev, follows: out.append((ev, follows))
-    )
-    return out
+def sent() -> Sink:
+    return Sink()
 
 
-def _started_page(page: int) -> pages._Recorded:
-    """A page's task run, just started (its Running state held), as a page's first step."""
+def _started_page(page: int, sink: Sink) -> pages._Recorded:
+    """A page's task run, just started (its Running state held), as a page's first step,
+    its events built by pagesync and kept by `sink` instead of sent."""
     runs = PageTaskRuns("items", "all", retries=2)
-    runs.lean, runs.related = False, []  # no server here: capture instead of sending
+    runs.lean, runs.related, runs.sender = True, [], sink  # type: ignore[assignment]
     run = pages._Recorded(runs, page)
     run.hold(pages.RUNNING, "Running")
     return run
@@ -89,14 +96,11 @@ def _as_server_reads_it(ev: dict[str, Any]) -> dict[str, Any]:
     return Event.model_validate_json(orjson.dumps(ev)).model_dump(mode="json")
 
 
-def test_a_fast_page_is_one_completed_event_exactly_as_prefect_builds_it(
-    sent: list[tuple[dict[str, Any], Any]],
-) -> None:
-    run = _started_page(3)
+def test_a_fast_page_is_one_completed_event_exactly_as_prefect_builds_it(sent: Sink) -> None:
+    run = _started_page(3, sent)
     run.emit("COMPLETED", "Completed")
-    assert len(sent) == 1
-    ev, follows = sent[0]
-    assert follows is None
+    [ev] = sent.events
+    assert ev["follows"] is None
     assert ev["event"] == "prefect.task-run.Completed"
     assert ev["payload"]["intended"] == {"from": "RUNNING", "to": "COMPLETED"}
     tr = ev["payload"]["task_run"]
@@ -115,10 +119,8 @@ def test_a_fast_page_is_one_completed_event_exactly_as_prefect_builds_it(
     assert mine == theirs
 
 
-def test_a_retried_then_failed_page_sends_each_state_in_order(
-    sent: list[tuple[dict[str, Any], Any]],
-) -> None:
-    run = _started_page(4)
+def test_a_retried_then_failed_page_sends_each_state_in_order(sent: Sink) -> None:
+    run = _started_page(4, sent)
     run.emit(
         pages.SCHEDULED,
         "AwaitingRetry",
@@ -126,24 +128,22 @@ def test_a_retried_then_failed_page_sends_each_state_in_order(
     )
     run.emit(pages.RUNNING, "Retrying")
     run.emit("FAILED", "Failed", "Task run encountered an exception: ValueError('x')")
-    names = [ev["event"].removeprefix("prefect.task-run.") for ev, _ in sent]
+    events = sent.events
+    names = [ev["event"].removeprefix("prefect.task-run.") for ev in events]
     assert names == ["Running", "AwaitingRetry", "Retrying", "Failed"]
-    assert sent[1][0]["payload"]["validated_state"]["state_details"] == {
+    assert events[1]["payload"]["validated_state"]["state_details"] == {
         "scheduled_time": "2030-01-01T00:00:00Z"
     }
-    final = sent[-1][0]["payload"]["task_run"]
+    final = events[-1]["payload"]["task_run"]
     assert final["run_count"] == 2  # Running and Retrying
-    assert sent[-1][0]["resource"]["prefect.state-message"].startswith("Task run encountered")
+    assert events[-1]["resource"]["prefect.state-message"].startswith("Task run encountered")
     previous = None
-    for ev, follows in sent:
-        assert (follows is None) == (previous is None)
-        if previous is not None:
-            assert follows[0] == uuid.UUID(previous["id"])
-            assert ev["follows"] == previous["id"]
+    for ev in events:
+        assert ev["follows"] == (previous["id"] if previous else None)
         mine, theirs = _as_server_reads_it(ev), _as_prefect_sends_it(ev, previous)
         assert mine == theirs
         previous = ev
-    times = [datetime.fromisoformat(ev["resource"]["prefect.state-timestamp"]) for ev, _ in sent]
+    times = [datetime.fromisoformat(ev["resource"]["prefect.state-timestamp"]) for ev in events]
     assert times == sorted(times) and len(set(times)) == len(times)
 
 

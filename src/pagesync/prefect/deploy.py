@@ -132,6 +132,21 @@ def _description(config: Config, stream: str, kind: Kind) -> str:
     )
 
 
+def _set_form(deployment: RunnerDeployment, schema: ParameterSchema) -> None:
+    """Give the deployment's run form `schema`. RunnerDeployment has no public setter for
+    it; `prefect deploy` sets this same private attribute from the flow. Should a Prefect
+    release rename it, the form keeps Prefect's full schema (every flow parameter) and a
+    warning says so, rather than a deployment without a form."""
+    current = getattr(deployment, "_parameter_openapi_schema", None)
+    if not isinstance(current, ParameterSchema):
+        _log.warning(
+            "this Prefect's deployments keep their parameter schema elsewhere: the run form of "
+            "%s/%s shows every flow parameter", deployment.flow_name, deployment.name,
+        )  # fmt: skip
+        return
+    deployment._parameter_openapi_schema = schema
+
+
 def build_deployments(config: Config, *, work_pool: str | None = None) -> list[RunnerDeployment]:
     """Two deployments per stream of `config`: `incremental` (scheduled from the stream's
     `schedule:`, if any) and `backfill` (on demand, asks for start and end).
@@ -158,9 +173,7 @@ def build_deployments(config: Config, *, work_pool: str | None = None) -> list[R
                 **(_schedule(config, stream) if kind == INCREMENTAL else {}),
             )
             deployment.entrypoint = entrypoint(stream)
-            # RunnerDeployment has no public setter for the schema; `prefect deploy` sets
-            # this same attribute from the flow.
-            deployment._parameter_openapi_schema = form_schema(flow, kind)
+            _set_form(deployment, form_schema(flow, kind))
             # Set explicitly so re-registering moves a deployment between a pool and a runner.
             deployment.work_pool_name = work_pool
             deployment.work_queue_name = None
