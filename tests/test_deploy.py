@@ -108,6 +108,7 @@ def wait_final(flow_run_id: Any, timeout: float = 120) -> Any:
 # -- built from a config ----------------------------------------------------------------
 
 
+@pytest.mark.floor
 def test_deployments_built_from_a_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.flows import load_flow_from_entrypoint
 
@@ -151,6 +152,9 @@ def test_deployments_built_from_a_config(tmp_path: Path, monkeypatch: pytest.Mon
     incremental = form_schema(flow, "incremental").model_dump(exclude_unset=True)
     assert incremental["properties"]["full_refresh"]["type"] == "boolean"
     assert list(incremental["properties"]) == ["full_refresh"] and incremental["required"] == []
+    # ... and they are what the deployments register (a guarded private attribute).
+    registered = deployments["hourly", "backfill"]._parameter_openapi_schema
+    assert list(registered.properties) == ["start", "end", "backfill_id"]
 
     # What a runner or worker loads from the entrypoint: the stream's own flow, named after
     # it, with its source's concurrency from the config that PAGESYNC_CONFIG names.
@@ -159,6 +163,25 @@ def test_deployments_built_from_a_config(tmp_path: Path, monkeypatch: pytest.Mon
         loaded = load_flow_from_entrypoint(entrypoint(stream))
         assert loaded.name == stream and loaded.flow_run_name == stream
         assert loaded.task_runner._max_workers == 3  # type: ignore[attr-defined]
+
+
+@pytest.mark.floor
+def test_a_prefect_without_the_form_attribute_keeps_its_full_form(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Should a Prefect release move the deployment's parameter schema, registering still
+    works: the form keeps Prefect's own schema, and a warning says so."""
+    from prefect.utilities.callables import ParameterSchema
+
+    from pagesync.prefect.deploy import _set_form
+
+    class Moved:  # a deployment whose schema lives elsewhere
+        flow_name, name = "items", "backfill"
+
+    moved = Moved()
+    _set_form(moved, ParameterSchema())  # type: ignore[arg-type]
+    assert not hasattr(moved, "_parameter_openapi_schema")
+    assert "shows every flow parameter" in caplog.text
 
 
 # -- pagesync up ----------------------------------------------------------------------
@@ -272,6 +295,7 @@ def work_pool() -> Iterator[str]:
             c.delete_work_pool(name)
 
 
+@pytest.mark.floor
 def test_deploy_registers_to_a_work_pool_and_a_worker_runs_the_stream(
     tmp_path: Path, api: DemoAPI, prefect_api_url: str
 ) -> None:

@@ -19,6 +19,8 @@ from pagesync.demo.api import DemoAPI
 from pagesync.tasks import event_check, page_events
 from pagesync.tasks.pages import RUNNING_AFTER
 
+pytestmark = pytest.mark.floor
+
 PATH = "/db/items.json"
 SPEC = {**STREAMS["next_url"], "params": {"_size": 200}}  # 2,000 items: 10 pages
 

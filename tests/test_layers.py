@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import pagesync.core
+
+pytestmark = pytest.mark.floor
 
 CORE_MODULES = sorted(
     f"pagesync.core.{m.name}" for m in pkgutil.iter_modules(pagesync.core.__path__)

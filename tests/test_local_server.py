@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import STREAMS, write_config
 from helpers import assert_exactly_once, wait_for
 
@@ -226,6 +227,7 @@ def test_a_run_is_set_up_for_speed(tmp_path: Path, api: DemoAPI) -> None:
     assert line.split()[1:] == ["LazyCAContext", str(GC_THRESHOLD), "True"]
 
 
+@pytest.mark.floor
 def test_the_kept_server_answers_its_user_only(tmp_path: Path, api: DemoAPI) -> None:
     """The kept server asks every API request for the secret pagesync wrote, mode 0600, in
     PREFECT_HOME; runs use it, `server status` shows it, and it is nowhere else: not in

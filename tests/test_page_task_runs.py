@@ -18,6 +18,8 @@ from prefect.events import Event
 
 from pagesync.tasks import PageTaskRuns, page_events, pages
 
+pytestmark = pytest.mark.floor
+
 
 def test_a_page_task_run_is_named_after_stream_partition_and_page() -> None:
     """Names are built by plain concatenation: a partition key holding braces (a list

@@ -22,6 +22,7 @@ def sync(path: Path, stream: str, **kw: object) -> dict:
 
 
 @pytest.mark.parametrize("kind", sorted(STREAMS))
+@pytest.mark.floor
 def test_every_paginator_syncs_every_record_once(tmp_path: Path, api: DemoAPI, kind: str) -> None:
     path = write_config(tmp_path, api.url, {kind: STREAMS[kind]})
     summary = sync(path, kind)
@@ -99,6 +100,7 @@ def test_separate_destination_is_at_least_once_without_duplicates(
     assert_exactly_once(dest, "items", [i["id"] for i in api.items])
 
 
+@pytest.mark.floor
 def test_a_stop_belongs_to_its_run(tmp_path: Path, api: DemoAPI) -> None:
     """A run whose stop was requested ends at a page boundary with its partition
     incomplete; the next run in the same process (a served deployment, `pagesync.sync()`
