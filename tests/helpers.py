@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, text
@@ -91,3 +92,17 @@ def same(x: Any, y: Any) -> bool:
     if isinstance(x, list):
         return len(x) == len(y) and all(same(a, b) for a, b in zip(x, y, strict=True))
     return x == y
+
+
+def write_project_code(folder: Path) -> dict[str, str]:
+    """Python code of a project beside its pagesync.yaml: a record model in models.py that
+    imports its base from a sibling module (relatively), for `model: models:Item`; every
+    demo record passes it. Returns the stream keys that name it."""
+    (folder / "base.py").write_text(
+        "from pydantic import BaseModel, ConfigDict\n\n\n"
+        "class Base(BaseModel):\n    model_config = ConfigDict(extra='allow')\n"
+    )
+    (folder / "models.py").write_text(
+        "from .base import Base\n\n\nclass Item(Base):\n    id: int\n    updated_at: str\n"
+    )
+    return {"model": "models:Item"}

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import daily_stream, run_cli, write_config
-from helpers import assert_exactly_once, wait_for
+from helpers import assert_exactly_once, wait_for, write_project_code
 
 from pagesync.core.config import load_config
 from pagesync.demo.api import DemoAPI
@@ -191,8 +191,11 @@ def test_up_serves_a_backfill_triggered_through_the_api_and_stops_on_sigterm(
     tmp_path: Path, api: DemoAPI, prefect_api_url: str
 ) -> None:
     stream = f"up_{uuid.uuid4().hex[:6]}"
-    path = write_config(tmp_path, api.url, {stream: {**DAILY, "schedule": NEVER}})
-    with Up("-c", str(path), env={"PREFECT_API_URL": prefect_api_url}, cwd=tmp_path) as up:
+    code = write_project_code(tmp_path)  # found beside the config, not on sys.path
+    path = write_config(tmp_path, api.url, {stream: {**DAILY, "schedule": NEVER, **code}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with Up("-c", str(path), env={"PREFECT_API_URL": prefect_api_url}, cwd=elsewhere) as up:
         up.wait_for("Ctrl-C stops the runner.")
         assert f"{stream}/backfill" in up.output and "(already running)" in up.output
         with client() as c:
@@ -300,7 +303,8 @@ def test_deploy_registers_to_a_work_pool_and_a_worker_runs_the_stream(
     tmp_path: Path, api: DemoAPI, prefect_api_url: str
 ) -> None:
     stream = f"pool_{uuid.uuid4().hex[:6]}"
-    path = write_config(tmp_path, api.url, {stream: {**DAILY, "schedule": NEVER}})
+    code = write_project_code(tmp_path)  # found beside the config, not on sys.path
+    path = write_config(tmp_path, api.url, {stream: {**DAILY, "schedule": NEVER, **code}})
     with work_pool() as pool:
         run = run_cli("deploy", "-c", str(path), "--pool", pool)
         assert run.returncode == 0, run.stdout + run.stderr

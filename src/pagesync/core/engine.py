@@ -43,7 +43,7 @@ from .store import (
     owner_id,
     write_lock,
 )
-from .streams import make_stream, record_model
+from .streams import user_code
 
 log = logging.getLogger("pagesync")
 
@@ -139,8 +139,7 @@ class StreamRun:
         self.observers = observers or []
         limiter = RateLimiter(self.source.rate_limit.per_second) if self.source.rate_limit else None
         self.client = client or SourceClient(self.source, limiter=limiter)
-        self.reader = make_stream(self.stream)
-        self.model = record_model(self.stream)
+        self.reader, self.model = user_code(config, stream)
         self.store = Store(config.state)
         self.same_db = config.destination_url == config.state
         self.destination = Destination(engine_for(config.destination_url))

@@ -7,7 +7,7 @@ it by subclassing `Stream` and naming the class in pagesync.yaml:
 
     streams:
       orders:
-        class: mypkg.streams:Orders
+        class: streams:Orders      # streams.py next to pagesync.yaml, or an installed module
         source: shop
         primary_key: [id]
 
@@ -22,8 +22,13 @@ it by subclassing `Stream` and naming the class in pagesync.yaml:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.machinery
+import importlib.util
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -90,36 +95,82 @@ class Declarative(Stream):
         return Page(records, self.paginator.next(token, response, body, records))
 
 
-def load_object(ref: str, *, what: str) -> Any:
-    """`package.module:Name` to the object it names, with an error that says which part failed."""
+def project_package(folder: Path) -> str:
+    """The private package a config folder's modules load under, made once per folder.
+
+    A reference `streams:Orders` in the pagesync.yaml of /a/b loads /a/b/streams.py as
+    `pagesync_project_<hash of /a/b>.streams`: the same on every runner (the CLI, a served
+    deployment, a worker, whatever its working folder and sys.path), and never the
+    `streams` of another project loaded in the same process. Modules of one folder import
+    each other relatively (`from .models import Order`).
+    """
+    folder = folder.resolve()
+    name = f"pagesync_project_{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}"
+    if name not in sys.modules:
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(folder)]
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+    return name
+
+
+def _in_folder(module_name: str, folder: Path) -> bool:
+    top = folder / module_name.split(".")[0]
+    return top.with_suffix(".py").is_file() or (top / "__init__.py").is_file()
+
+
+def load_object(ref: str, *, key: str, folder: Path | None = None) -> Any:
+    """`module:Name` to the object it names: the module from the config's `folder` first,
+    else an installed one; a ConfigError naming the config `key` and what failed."""
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
-        raise ConfigError(f"{what} {ref!r} must look like package.module:Name")
+        raise ConfigError(f"{ref!r} must look like module:Name", key=key)
+    local = folder is not None and _in_folder(module_name, folder)
+    full = f"{project_package(folder)}.{module_name}" if local and folder else module_name
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(full)
     except ImportError as e:
-        raise ConfigError(f"{what} {ref!r}: cannot import {module_name} ({e})") from None
+        if local or e.name != module_name.split(".")[0]:  # failed inside the user's module
+            raise ConfigError(f"{ref!r}: importing {module_name} failed: {e}", key=key) from None
+        where = f"no {module_name}.py in {folder} and n" if folder else "N"
+        raise ConfigError(f"{ref!r}: {where}o installed module {module_name}", key=key) from None
+    except Exception as e:  # the user's module raised while it was imported
+        raise ConfigError(
+            f"{ref!r}: importing {module_name} failed: {type(e).__name__}: {e}", key=key
+        ) from None
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise ConfigError(f"{what} {ref!r}: {module_name} has no {attr}") from None
+        raise ConfigError(f"{ref!r}: {module_name} has no {attr}", key=key) from None
 
 
-def make_stream(config: cfg.Stream) -> Stream:
-    """The reader for a stream's config: its `class:` if it names one, else Declarative."""
+def make_stream(config: cfg.Stream, name: str, folder: Path | None = None) -> Stream:
+    """The reader for stream `name`: its `class:` if it names one (looked up in the config's
+    `folder` first), else Declarative."""
     if config.class_ is None:
         return Declarative(config)
-    obj = load_object(config.class_, what="stream class")
+    key = f"streams.{name}.class"
+    obj = load_object(config.class_, key=key, folder=folder)
     if not (isinstance(obj, type) and issubclass(obj, Stream)):
-        raise ConfigError(f"stream class {config.class_!r} is not a subclass of pagesync.Stream")
+        raise ConfigError(f"{config.class_!r} is not a subclass of pagesync.Stream", key=key)
     return obj(config)
 
 
-def record_model(config: cfg.Stream) -> type[BaseModel] | None:
-    """The pydantic model the stream's records are validated with, if it names one."""
+def record_model(
+    config: cfg.Stream, name: str, folder: Path | None = None
+) -> type[BaseModel] | None:
+    """The pydantic model stream `name`'s records are validated with, if it names one."""
     if config.model is None:
         return None
-    obj = load_object(config.model, what="record model")
+    key = f"streams.{name}.model"
+    obj = load_object(config.model, key=key, folder=folder)
     if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
-        raise ConfigError(f"record model {config.model!r} is not a pydantic model")
+        raise ConfigError(f"{config.model!r} is not a pydantic model", key=key)
     return obj
+
+
+def user_code(config: cfg.Config, name: str) -> tuple[Stream, type[BaseModel] | None]:
+    """Stream `name`'s reader and record model, resolved against its config file's folder
+    (a config built in code has none: installed modules only)."""
+    folder = config.path.parent if config.path else None
+    spec = config.stream(name)
+    return make_stream(spec, name, folder), record_model(spec, name, folder)

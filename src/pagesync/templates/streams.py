@@ -1,8 +1,9 @@
 """A stream written in Python: pagesync supplies checkpoints, retries, partitions, leases
 and the Prefect flow; the class says how to ask for a page and what a page holds.
 
-Enable it in pagesync.yaml with `class: streams:Releases` (this folder must be on
-PYTHONPATH, which it is when you run pagesync from here).
+Enable it in pagesync.yaml with `class: streams:Releases`: pagesync loads streams.py from
+the folder of pagesync.yaml, wherever it runs (the CLI, `pagesync up`, a Prefect worker).
+Other modules of this folder are imported relatively: `from .models import Release`.
 """
 
 from __future__ import annotations
