@@ -14,7 +14,7 @@ import logging
 import operator
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -27,7 +27,15 @@ from sqlalchemy.engine import Connection
 from . import config as cfg
 from . import crashpoints, mergepatch
 from .destination import Destination
-from .errors import ExtractError, LeaseLost, PageError, PagesyncError, PaginationLoop, Stopped
+from .errors import (
+    ConfigError,
+    ExtractError,
+    LeaseLost,
+    PageError,
+    PagesyncError,
+    PaginationLoop,
+    Stopped,
+)
 from .extract import values_at
 from .http import RateLimiter, SourceClient
 from .paginators import PageRequest, Token
@@ -139,8 +147,10 @@ class StreamRun:
         self.observers = observers or []
         limiter = RateLimiter(self.source.rate_limit.per_second) if self.source.rate_limit else None
         self.client = client or SourceClient(self.source, limiter=limiter)
-        self.reader = make_stream(self.stream)
-        self.model = record_model(self.stream)
+        with _config_key(config, f"streams.{stream}.class"):
+            self.reader = make_stream(self.stream)
+        with _config_key(config, f"streams.{stream}.model"):
+            self.model = record_model(self.stream)
         self.store = Store(config.state)
         self.same_db = config.destination_url == config.state
         self.destination = Destination(engine_for(config.destination_url))
@@ -288,13 +298,14 @@ class PartitionRun:
                     f"stopped ({self.run.stop.reason or 'stop requested'}) before page "
                     f"{self.next_page}; committed pages are kept"
                 )
+            failing = self.next_page  # before the rollback moves it back to the checkpoint
             try:
                 self.last = self._one_page(task_run_id)
             except BaseException as exc:
                 self._rollback()
                 if isinstance(exc, PageError):
                     exc.located(
-                        stream=self.run.name, partition=self.key, page=self.next_page,
+                        stream=self.run.name, partition=self.key, page=failing,
                         committed=self.lease.state.get("cursor") if self.lease else None,
                     )  # fmt: skip
                 raise
@@ -551,15 +562,34 @@ def validate(
     return good, bad
 
 
+@contextlib.contextmanager
+def _config_key(config: cfg.Config, key: str) -> Iterator[None]:
+    """A config error found only now (a `class:` or `model:` that cannot be imported) names
+    the file and the stream's key, as one found when the file was read would."""
+    try:
+        yield
+    except ConfigError as e:
+        if e.key is not None:
+            raise
+        path = str(config.path) if config.path else None
+        raise ConfigError(str(e), file=path, key=key) from None
+
+
 def _j(value: Any) -> str | None:
     return None if value is None else dumps(value)
 
 
 def run_partition(
-    part: PartitionRun, page_runner: Callable[[PartitionRun, int], PageResult]
+    part: PartitionRun,
+    page_runner: Callable[[PartitionRun, int], PageResult],
+    started: Callable[[PartitionRun, bool], None] | None = None,
 ) -> PartitionOutcome:
-    """Drive a partition to its end with `page_runner` (a Prefect task, or a plain call)."""
-    if not part.open():
+    """Drive a partition to its end with `page_runner` (a Prefect task, or a plain call);
+    `started(part, opened)` is told where it starts (or that it is skipped) before any page."""
+    opened = part.open()
+    if started is not None:
+        started(part, opened)
+    if not opened:
         part._notify()
         return part.outcome
     try:
