@@ -14,11 +14,12 @@ from prefect.artifacts import create_table_artifact
 from prefect.context import FlowRunContext
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.urls import url_for
 
 from pagesync.core.config import Config, load_config
 from pagesync.core.engine import Observer, PartitionOutcome, Stop, StreamRun
 from pagesync.tasks import tagged
-from pagesync.tasks.progress import ProgressArtifacts, artifact_key
+from pagesync.tasks.progress import ProgressArtifacts, artifact_key, scope_label
 
 from .secrets import resolve_secret_blocks
 
@@ -110,6 +111,7 @@ def sync_stream(
         wait(futures)
         outcomes: list[PartitionOutcome] = []
         errors: list[Exception] = []
+        task_runs = {s.key: str(fut.task_run_id) for s, fut in zip(specs, futures, strict=True)}
         for s, fut in zip(specs, futures, strict=True):
             if fut.state.is_completed():
                 outcomes.append(fut.result())
@@ -119,7 +121,7 @@ def sync_stream(
                 outcomes.append(PartitionOutcome(s.key, "incomplete", error=str(exc)))
     finally:
         run.close()
-    _summary_artifact(stream, scope, outcomes)
+    _summary_artifact(stream, scope, outcomes, task_runs)
     if errors:
         raise ExceptionGroup(
             f"stream {stream}: {len(errors)} of {len(outcomes)} partitions failed", errors
@@ -134,11 +136,15 @@ def sync_stream(
     }
 
 
-def _summary_artifact(stream: str, scope: str, outcomes: list[PartitionOutcome]) -> None:
-    """One table per flow run: what each partition did in it."""
+def _summary_artifact(
+    stream: str, scope: str, outcomes: list[PartitionOutcome], task_runs: dict[str, str]
+) -> None:
+    """One table per flow run: what each partition did in it, each row linked to the
+    partition's task run (its pages and log lines are there)."""
     table = [
         {
             "partition": o.partition,
+            "task run": _task_run_link(task_runs.get(o.partition)),
             "status": "complete (skipped)" if o.skipped else o.status,
             "pages": o.pages,
             "records": o.records,
@@ -153,8 +159,24 @@ def _summary_artifact(stream: str, scope: str, outcomes: list[PartitionOutcome])
         for o in outcomes
     ]
     key = artifact_key("pagesync", stream, "partitions")
-    title = f"{stream}" + (f" ({scope})" if scope else "")
-    create_table_artifact(table, key=key, description=f"Partitions of {title}")
+    of = f" ({scope_label(stream, scope)})" if scope else ""
+    create_table_artifact(
+        table,
+        key=key,
+        description=(
+            f"Partitions of stream **{stream}**{of} in this flow run: status, pages and "
+            "records (the partition's totals and this run's), cursors, where each resumed "
+            "from, and a link to each partition's task run"
+        ),
+    )
+
+
+def _task_run_link(task_run_id: str | None) -> str:
+    """A markdown link to the task run's page in the UI; its id when no UI is known."""
+    if task_run_id is None:
+        return ""
+    url = url_for("task-run", obj_id=task_run_id)
+    return f"[{task_run_id}]({url})" if url else task_run_id
 
 
 def _concurrency(cfg: Config, stream: str) -> int:

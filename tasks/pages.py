@@ -9,7 +9,9 @@ Prefect's `emit_task_run_state_change_event` would (built and sent by `page_even
 about 0.1 ms a page), and the server records the same task runs: named
 `stream · partition · page N`, nested under the partition's task run, in the states
 Prefect's engine gives them (Running, AwaitingRetry and Retrying on a retried error,
-Completed or Failed), with the failure's traceback in the task run's logs. The Pending
+Completed or Failed), with the failure's traceback in the task run's logs. The final
+state's message is the page's checkpoint (`messages`): what it committed, at which cursor,
+on which attempt, or what was kept when it failed. The Pending
 state the engine emits first is left out: nothing orchestrates a page before it runs, and
 the server records one event fewer per page.
 
@@ -47,6 +49,7 @@ from pagesync.core.engine import PageResult, PartitionRun
 from pagesync.core.errors import LeaseLost
 
 from . import event_check, page_events
+from .messages import failed_message, page_message
 from .page_events import PageState
 
 log = logging.getLogger("pagesync.pages")
@@ -105,6 +108,8 @@ class PageTaskRuns:
         run = _Recorded(self, page)
         run.hold(RUNNING, "Running")
         _WATCH.watch(run)
+        lease = part.lease
+        before = (lease.pages, lease.records) if lease else (0, 0)  # the last checkpoint's
         attempt = 0
         while True:
             try:
@@ -124,12 +129,19 @@ class PageTaskRuns:
                     continue
                 exhausted = " - Retries are exhausted" if self.retries else ""
                 log.error("Task run failed with exception: %r%s", exc, exhausted, exc_info=True)
-                run.emit(FAILED, "Failed", f"Task run encountered an exception: {exc!r}")
+                run.emit(FAILED, "Failed", failed_message(page, part.next_page, exc))
                 raise
             except BaseException as exc:  # interrupted: the page did not finish
-                run.emit(CRASHED, "Crashed", f"Execution was interrupted: {type(exc).__name__}")
+                kept = failed_message(page, part.next_page, exc)
+                run.emit(CRASHED, "Crashed", f"Execution was interrupted: {kept}")
                 raise
-            run.emit(COMPLETED, "Completed")
+            after = (lease.pages, lease.records) if lease else before
+            message = page_message(
+                result, committed_pages=after[0] - before[0],
+                committed_records=after[1] - before[1], attempt=attempt + 1,
+                attempts=self.retries + 1, policy=part.stream.checkpoint,
+            )  # fmt: skip
+            run.emit(COMPLETED, "Completed", message)
             return result
 
     def flush(self, timeout: float = 30.0) -> None:

@@ -31,9 +31,31 @@ log = logging.getLogger("pagesync.cli.progress")
 
 
 def artifact_key(*parts: str) -> str:
-    """Prefect wants keys of lowercase letters, digits and dashes."""
-    raw = "-".join(parts).lower()
-    return "".join(c if c.isalnum() and c.isascii() else "-" for c in raw).strip("-")[:200]
+    """Prefect wants keys of lowercase letters, digits and dashes; runs of dashes are
+    folded, so a key stays short enough to read in the run graph."""
+    raw = "-".join(p for p in parts if p).lower()
+    key = "".join(c if c.isalnum() and c.isascii() else "-" for c in raw)
+    while "--" in key:
+        key = key.replace("--", "-")
+    return key.strip("-")[:200]
+
+
+def progress_key(stream: str, partition: str) -> str:
+    """A partition's progress artifact key: stream and partition, stable across runs (each
+    run of the partition is a new version of the same artifact)."""
+    return artifact_key("pagesync", stream, partition)
+
+
+def scope_label(stream: str, scope: str) -> str:
+    """A run's scope for people: `backfill 2024-01-01T00:00:00Z..2024-01-05T00:00:00Z`
+    (the stream's name, which the default backfill id repeats, left out)."""
+    return scope.replace(f"backfill {stream} ", "backfill ", 1)
+
+
+def describe(stream: str, partition: str, scope: str, status: str) -> str:
+    """A progress artifact's description: what it tracks, then where the partition is."""
+    of = f" ({scope_label(stream, scope)})" if scope else ""
+    return f"Progress of partition **{partition}** of stream **{stream}**{of}: {status}"
 
 
 def _fraction(spec: PartitionSpec, cursor: object) -> float | None:
@@ -66,9 +88,10 @@ class ProgressArtifacts:
 
     def start(self, spec: PartitionSpec) -> None:
         """Create the partition's artifact (inside its task run, so the UI links them)."""
-        key = artifact_key("pagesync", self.stream, self.scope, spec.key)
         artifact_id = create_progress_artifact(
-            0.0, key=key, description=f"{self.stream} · {spec.key}: starting"
+            0.0,
+            key=progress_key(self.stream, spec.key),
+            description=describe(self.stream, spec.key, self.scope, "starting"),
         )
         with self.lock:
             self.ids[spec.key] = (artifact_id, spec)
@@ -91,10 +114,13 @@ class ProgressArtifacts:
                 update_progress_artifact,
                 artifact_id,
                 0.0 if fraction is None else round(fraction * 100, 1),
-                description=(
-                    f"{stream} · {partition}: {progress.pages} pages, {progress.records} "
-                    f"records so far ({progress.new_pages} pages in this run)"
-                ),
+                description=describe(
+                    stream,
+                    partition,
+                    self.scope,
+                    f"{progress.pages:,} pages, {progress.records:,} records so far "
+                    f"({progress.new_pages:,} pages in this run)",
+                ),  # fmt: skip
             )
 
     def _in_background(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[None]:
@@ -125,8 +151,11 @@ class ProgressArtifacts:
         update_progress_artifact(
             entry[0],
             100.0 if done else 0.0,
-            description=(
-                f"{stream} · {outcome.partition}: {outcome.status}, {outcome.pages} pages, "
-                f"{outcome.records} records" + (f"; {outcome.error}" if outcome.error else "")
-            ),
+            description=describe(
+                stream,
+                outcome.partition,
+                self.scope,
+                f"{outcome.status}, {outcome.pages:,} pages, {outcome.records:,} records"
+                + (f"; {outcome.error}" if outcome.error else ""),
+            ),  # fmt: skip
         )

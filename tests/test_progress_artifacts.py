@@ -83,5 +83,7 @@ def test_a_failing_periodic_update_is_logged_and_does_not_stop_the_final_one(
     arts.start(PartitionSpec("all", "/items"))
     arts.page_committed("items", PartitionOutcome("all", "running", pages=1, records=1))
     arts.partition_done("items", PartitionOutcome("all", "complete", pages=1, records=1))
-    assert seen == ["items · all: complete, 1 pages, 1 records"]
+    assert seen == [
+        "Progress of partition **all** of stream **items**: complete, 1 pages, 1 records"
+    ]
     assert "progress artifact update failed" in caplog.text and "API down" in caplog.text

@@ -306,3 +306,83 @@ def _day_before(day: str) -> str:
     from datetime import date, timedelta
 
     return (date.fromisoformat(day) - timedelta(days=1)).isoformat()
+
+
+def test_a_resumed_backfill_shows_each_pages_checkpoint_and_the_partitions_story(
+    page: Any, ui: str, api: DemoAPI, tmp_path: Path
+) -> None:
+    """A backfill stopped by the API midway, run again from the CLI: in the UI, the
+    resumed window's partition task run logs where it resumed from, a page task run's
+    state (on its Completed event's page: Prefect's task run page shows no state message)
+    says what it committed and at which cursor, and the artifacts have readable titles."""
+    from conftest import daily_stream
+
+    from pagesync.cli.links import ui_url
+
+    stream = f"ui_{uuid.uuid4().hex[:6]}"
+    path = write_config(tmp_path, api.url, {stream: daily_stream(20)})
+    window = ("--start", "2024-01-03", "--end", "2024-01-05", "-c", str(path))
+    api.add_fault(kind="status", status=400, path="/next/items", after=5, times=-1)
+    assert run_cli("backfill", stream, *window).returncode == 1
+    api.clear_faults()
+    done = run_cli("backfill", stream, *window)
+    assert done.returncode == 0, done.stderr
+    pages = history(path, stream)
+    run_id = pages[-1]["flow_run_id"]
+    resumed = [h for h in pages if h["flow_run_id"] == run_id]
+    first_runs = {h["partition"] for h in pages if h["flow_run_id"] != run_id}
+    assert first_runs, "no window committed a page before the fault: the test proves nothing"
+    window_key = sorted(first_runs)[0]
+    before = [h for h in pages if h["partition"] == window_key and h["flow_run_id"] != run_id]
+    page_1 = next(h for h in resumed if h["partition"] == window_key)
+    with client() as c:
+        by_name = wait_for(
+            lambda: (ts := {t.name: t for t in _task_runs_of(c, run_id)})
+            and all(t.state.is_final() for t in ts.values()) and len(ts) >= len(resumed) + 2
+            and ts, 30, what="the run's task runs in the API",
+        )  # fmt: skip
+    partition = by_name[f"{stream} · {window_key}"]
+    one = by_name[f"{stream} · {window_key} · page {page_1['page']}"]
+    folder = output_folder("checkpoints")
+
+    # The partition task run's logs: where it resumed from.
+    page.goto(ui_url() + f"/runs/task-run/{partition.id}")
+    resume_line = (
+        f"{stream} · {window_key}: resumed from page {before[-1]['page'] + 1}, "
+        f"cursor {before[-1]['cursor']}"
+    )
+    page.get_by_text(resume_line, exact=False).first.wait_for()
+    page.get_by_text(f"{stream} · {window_key}: complete:", exact=False).first.wait_for()
+    page.screenshot(path=str(folder / "partition-logs.png"), full_page=True)
+
+    # The page task run, then its Completed event: the checkpoint it committed.
+    page.goto(ui_url() + f"/runs/task-run/{one.id}")
+    page.get_by_text(one.name, exact=True).first.wait_for()
+    page.get_by_text("Completed").first.wait_for()
+    page.screenshot(path=str(folder / "page-task-run.png"), full_page=True)
+    day = one.state.timestamp.strftime("%Y-%m-%d")
+    page.goto(f"{ui}/v2/events/event/{day}/{one.state.id}")
+    page.get_by_text(one.name, exact=True).first.wait_for()
+    page.get_by_text("Raw", exact=True).first.click()
+    shown = f"committed {page_1['records']} record"
+    page.get_by_text(shown, exact=False).first.wait_for()
+    text = page.inner_text("body")
+    assert f"cursor {page_1['cursor']} · page {page_1['page']}" in text, text[-2000:]
+    page.screenshot(path=str(folder / "page-checkpoint.png"), full_page=True)
+
+    # The flow run's artifacts: titles of stream and window, descriptions that say what.
+    open_flow_run(page, ui, run_id)
+    page.get_by_text("Artifacts", exact=True).click()
+    slug = stream.replace("_", "-")
+    for key in (f"pagesync-{slug}-partitions", f"pagesync-{slug}-2024-01-03",
+                f"pagesync-{slug}-2024-01-04"):  # fmt: skip
+        page.get_by_text(key, exact=True).first.wait_for()
+    page.get_by_text(
+        f"Progress of partition 2024-01-03 of stream {stream}", exact=False
+    ).first.wait_for()
+    page.screenshot(path=str(folder / "artifacts.png"), full_page=True)
+    # The partitions table links each window to its partition task run.
+    page.get_by_text(f"pagesync-{slug}-partitions", exact=True).first.click()
+    link = page.locator(f"a[href$='/runs/task-run/{partition.id}']")
+    link.first.wait_for()
+    page.screenshot(path=str(folder / "partitions-table.png"), full_page=True)

@@ -25,6 +25,7 @@ from typer.core import TyperGroup
 from ..core.config import Config, load_config
 from ..core.errors import ConfigError, PagesyncError
 from . import tls
+from .links import flow_run_url, task_run_url, ui_url
 
 if TYPE_CHECKING:
     from ..core.store import Store
@@ -123,6 +124,11 @@ def _run(cfg: Config, stream: str, *, verbose: bool = False, **params: Any) -> i
             err.print_exception()
         raise fail(str(e), 1) from None
     elapsed = time.monotonic() - started
+    config_errors = [e for e in report.errors if isinstance(e, ConfigError)]
+    if config_errors:  # running again would fail again: the config is what to fix
+        for exc in config_errors:
+            err.print(f"[red]error:[/red] {escape(str(exc))}")
+        return 2
     pages = sum(o.new_pages for o in report.outcomes)
     records = sum(o.new_records for o in report.outcomes)
     complete = sum(o.status == "complete" for o in report.outcomes)
@@ -196,29 +202,38 @@ def state_show(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Per partition: status, cursor, pages, records, last update."""
+    """Per partition: status, cursor, pages, records, last update, and the last flow run
+    that committed a page (its link in the Prefect UI when its address is known)."""
     from ..core.views import partition_views
 
     cfg, store = _opened(config, stream)
     views = partition_views(store, stream)
+    ui = ui_url()
     if as_json:
-        _print_json([v.model_dump(mode="json") for v in views])
+        _print_json([
+            {**v.model_dump(mode="json"),
+             "flow_run_url": flow_run_url(ui, v.flow_run_id) if ui and v.flow_run_id else None}
+            for v in views
+        ])  # fmt: skip
         return
     if not views:
         out.print("No state yet" + (f" for {stream}" if stream else "") + ".")
         return
     table = Table()
-    for col in ("stream", "partition", "status", "cursor", "pages", "records", "updated_at"):
+    cols = ("stream", "partition", "status", "cursor", "pages", "records", "updated_at")
+    for col in (*cols, "last flow run"):
         table.add_column(col, justify="right" if col in ("pages", "records") else "left")
     colors = {"complete": "green", "incomplete": "red", "running": "yellow", "pending": "dim"}
     for v in views:
         part = v.partition if not v.scope else f"{v.partition} [dim]({escape(v.scope)})[/dim]"
         status = f"[{colors.get(v.status, 'white')}]{v.status}[/]"
+        run = v.flow_run_id or ""
         table.add_row(
             v.stream, part, status, escape("" if v.cursor is None else str(v.cursor)),
             str(v.pages), str(v.records), v.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+            flow_run_url(ui, run) if ui and run else run,
         )  # fmt: skip
-    out.print(table)
+    _print_whole(table)
     for v in views:
         if v.error:
             err.print(f"[red]{escape(v.stream)} · {escape(v.partition)}:[/red] {escape(v.error)}")
@@ -269,24 +284,49 @@ def history(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Per committed page: partition, page, records, cursor, time, flow and task run ids."""
+    """Per committed page: partition, page, records, cursor, time, flow and task run ids;
+    with the task run's link in the Prefect UI when its address is known."""
     from ..core.views import page_views
 
     cfg, store = _opened(config, stream)
     views = page_views(store, stream)
+    ui = ui_url()
     if as_json:
-        _print_json([v.model_dump(mode="json") for v in views])
+        _print_json([
+            {**v.model_dump(mode="json"),
+             "task_run_url": task_run_url(ui, v.task_run_id) if ui and v.task_run_id else None}
+            for v in views
+        ])  # fmt: skip
         return
     table = Table()
-    for col in ("partition", "page", "records", "cursor", "committed_at", "task_run_id"):
+    last = "task run" if ui else "task_run_id"
+    for col in ("partition", "page", "records", "cursor", "committed_at", last):
         table.add_column(col, justify="right" if col in ("page", "records") else "left")
     for v in views:
+        run = v.task_run_id or ""
         table.add_row(
             escape(v.partition), str(v.page), str(v.records),
             escape("" if v.cursor is None else str(v.cursor)),
-            v.committed_at.strftime("%Y-%m-%d %H:%M:%S"), v.task_run_id or "",
+            v.committed_at.strftime("%Y-%m-%d %H:%M:%S"),
+            task_run_url(ui, run) if ui and run else run,
         )  # fmt: skip
-    out.print(table)
+    _print_whole(table)
+
+
+def _print_whole(table: Table) -> None:
+    """Print a table as wide as its contents, so links and ids are never cut or folded
+    to fit the terminal (a terminal wraps long lines; the text stays whole)."""
+    from rich.measure import Measurement
+
+    need = Measurement.get(out, out.options.update_width(100_000), table).maximum
+    if need <= out.width:
+        out.print(table)
+        return
+    wide = Console(
+        file=out.file, width=need, highlight=False, soft_wrap=True,
+        force_terminal=out.is_terminal, color_system=out.color_system or None,
+    )  # fmt: skip
+    wide.print(table)
 
 
 @app.command()

@@ -27,7 +27,14 @@ from sqlalchemy.engine import Connection
 from . import config as cfg
 from . import crashpoints, mergepatch
 from .destination import Destination
-from .errors import ExtractError, LeaseLost, PageError, PagesyncError, PaginationLoop, Stopped
+from .errors import (
+    ExtractError,
+    LeaseLost,
+    PageError,
+    PagesyncError,
+    PaginationLoop,
+    Stopped,
+)
 from .extract import values_at
 from .http import RateLimiter, SourceClient
 from .paginators import PageRequest, Token
@@ -287,13 +294,14 @@ class PartitionRun:
                     f"stopped ({self.run.stop.reason or 'stop requested'}) before page "
                     f"{self.next_page}; committed pages are kept"
                 )
+            failing = self.next_page  # before the rollback moves it back to the checkpoint
             try:
                 self.last = self._one_page(task_run_id)
             except BaseException as exc:
                 self._rollback()
                 if isinstance(exc, PageError):
                     exc.located(
-                        stream=self.run.name, partition=self.key, page=self.next_page,
+                        stream=self.run.name, partition=self.key, page=failing,
                         committed=self.lease.state.get("cursor") if self.lease else None,
                     )  # fmt: skip
                 raise
@@ -555,10 +563,16 @@ def _j(value: Any) -> str | None:
 
 
 def run_partition(
-    part: PartitionRun, page_runner: Callable[[PartitionRun, int], PageResult]
+    part: PartitionRun,
+    page_runner: Callable[[PartitionRun, int], PageResult],
+    started: Callable[[PartitionRun, bool], None] | None = None,
 ) -> PartitionOutcome:
-    """Drive a partition to its end with `page_runner` (a Prefect task, or a plain call)."""
-    if not part.open():
+    """Drive a partition to its end with `page_runner` (a Prefect task, or a plain call);
+    `started(part, opened)` is told where it starts (or that it is skipped) before any page."""
+    opened = part.open()
+    if started is not None:
+        started(part, opened)
+    if not opened:
         part._notify()
         return part.outcome
     try:

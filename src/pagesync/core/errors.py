@@ -16,6 +16,7 @@ class ConfigError(PagesyncError):
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None) -> None:
         self.file = file
         self.key = key
+        self.detail = message
         where = ", ".join(p for p in (file, f"at {key}" if key else None) if p)
         super().__init__(f"{where}: {message}" if where else message)
 

@@ -320,6 +320,20 @@ class Store:
             out.append(d)
         return out
 
+    def last_flow_runs(self, stream: str | None = None) -> dict[tuple[str, str, str], str]:
+        """Per (stream, scope, partition): the flow run that committed its latest page."""
+        latest = (
+            select(func.max(L.c.id))
+            .where(L.c.flow_run_id.is_not(None))
+            .group_by(L.c.stream, L.c.scope, L.c.partition)
+        )
+        if stream is not None:
+            latest = latest.where(L.c.stream == stream)
+        q = select(L.c.stream, L.c.scope, L.c.partition, L.c.flow_run_id).where(L.c.id.in_(latest))
+        with self.reading() as conn:
+            rows = conn.execute(q).all()
+        return {(r.stream, r.scope, r.partition): r.flow_run_id for r in rows}
+
     def high_water_mark(self, stream: str) -> Any:
         """The largest cursor over the stream's completed partitions (backfills included)."""
         values = [

@@ -173,4 +173,8 @@ def user_code(config: cfg.Config, name: str) -> tuple[Stream, type[BaseModel] | 
     (a config built in code has none: installed modules only)."""
     folder = config.path.parent if config.path else None
     spec = config.stream(name)
-    return make_stream(spec, name, folder), record_model(spec, name, folder)
+    try:
+        return make_stream(spec, name, folder), record_model(spec, name, folder)
+    except ConfigError as e:  # found now, named as if found when the file was read
+        file = str(config.path) if config.path else None
+        raise ConfigError(e.detail, file=file, key=e.key) from None

@@ -26,6 +26,8 @@ class PartitionView(BaseModel):
     updated_at: datetime
     resumed_from: str | None = None
     error: str | None = None
+    #: The flow run that committed the partition's latest page.
+    flow_run_id: str | None = None
 
 
 class PageView(BaseModel):
@@ -40,6 +42,7 @@ class PageView(BaseModel):
 
 
 def partition_views(store: Store, stream: str | None = None) -> list[PartitionView]:
+    last_runs = store.last_flow_runs(stream)
     return [
         PartitionView(
             stream=row["stream"],
@@ -52,6 +55,7 @@ def partition_views(store: Store, stream: str | None = None) -> list[PartitionVi
             rejected=row["state"].get("rejected", 0),
             updated_at=row["updated_at"],
             error=row["error"],
+            flow_run_id=last_runs.get((row["stream"], row["scope"], row["partition"])),
         )
         for row in store.partitions(stream, scope=None)
     ]
