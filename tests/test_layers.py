@@ -19,6 +19,17 @@ CORE_MODULES = sorted(
 )
 
 
+#: Makes `import prefect` (and its submodules) fail in the process it starts.
+NO_PREFECT = (
+    "import importlib, sys\n"
+    "class NoPrefect:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'prefect' or name.startswith('prefect.'):\n"
+    "            raise ImportError('prefect is unimportable in this test')\n"
+    "sys.meta_path.insert(0, NoPrefect())\n"
+)
+
+
 def _run(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -32,13 +43,7 @@ def test_every_core_module_imports_without_prefect() -> None:
     assert len(CORE_MODULES) >= 15, CORE_MODULES  # the walk found the core
     modules = ["pagesync", "pagesync.demo.api", *CORE_MODULES]
     code = (
-        "import importlib, sys\n"
-        "class NoPrefect:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'prefect' or name.startswith('prefect.'):\n"
-        "            raise ImportError('prefect is unimportable in this test')\n"
-        "sys.meta_path.insert(0, NoPrefect())\n"
-        "failed = []\n"
+        NO_PREFECT + "failed = []\n"
         f"for name in {modules!r}:\n"
         "    try:\n"
         "        importlib.import_module(name)\n"
@@ -57,15 +62,7 @@ def test_every_core_module_imports_without_prefect() -> None:
 
 def test_the_guard_of_the_test_above_works() -> None:
     """The same guard makes a Prefect-layer module fail, so the test above can fail."""
-    code = (
-        "import importlib, sys\n"
-        "class NoPrefect:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'prefect' or name.startswith('prefect.'):\n"
-        "            raise ImportError('prefect is unimportable in this test')\n"
-        "sys.meta_path.insert(0, NoPrefect())\n"
-        "importlib.import_module('pagesync.flows')\n"
-    )
+    code = NO_PREFECT + "importlib.import_module('pagesync.flows')\n"
     done = _run(code)
     assert done.returncode != 0 and "prefect is unimportable" in done.stderr
 
