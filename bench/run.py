@@ -462,9 +462,9 @@ def _ratio_of(a: Figures | None, b: Figures | None, key: str) -> float | None:
     return x / y if x is not None and y else None
 
 
-def raw_last_commit(log: Path) -> float | None:
+def raw_last_commit(log: Path | str) -> float | None:
     """The raw loop's last commit (Unix time), from the JSON line it prints at the end."""
-    for line in reversed(log.read_text(errors="replace").splitlines()):
+    for line in reversed(Path(log).read_text(errors="replace").splitlines()):
         if line.startswith("{"):
             return json.loads(line).get("last_commit")
     return None
