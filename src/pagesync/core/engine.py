@@ -66,7 +66,8 @@ class Stop:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason = ""
-        self._runs: set[StreamRun] = set()
+        #: The runs this stop reaches (each registers itself while it lives).
+        self.runs: set[StreamRun] = set()
 
     def request(self, reason: str) -> None:
         self.reason = reason
@@ -78,7 +79,7 @@ class Stop:
     def abort_requests(self) -> None:
         """Close the runs' HTTP clients, so requests still in flight fail now instead of at
         their timeout."""
-        for run in list(self._runs):
+        for run in list(self.runs):
             run.client.close()
 
 
@@ -155,7 +156,7 @@ class StreamRun:
             max_workers=self.source.concurrency, thread_name_prefix=f"pagesync-{stream}"
         )
         self.stop = stop or Stop()
-        self.stop._runs.add(self)
+        self.stop.runs.add(self)
 
     def prepare(
         self, specs: list[PartitionSpec] | None = None, **plan_kw: Any
@@ -177,7 +178,7 @@ class StreamRun:
         return PartitionRun(self, spec)
 
     def close(self) -> None:
-        self.stop._runs.discard(self)
+        self.stop.runs.discard(self)
         self.fetcher.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
