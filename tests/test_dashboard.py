@@ -275,3 +275,19 @@ def test_the_ui_address_is_derived_as_prefect_derives_it(
     if profile:
         (tmp_path / "profiles.toml").write_text(profile)
     assert ui_url({"PREFECT_HOME": str(tmp_path), **env}) == expected
+
+
+def test_the_ui_address_follows_prefect_profiles_path_and_profile(tmp_path: Path) -> None:
+    """The same profile lookup as the local server's (`prefect.settings.profile`): a profiles
+    file elsewhere and a profile chosen by PREFECT_PROFILE, never the default file's."""
+    elsewhere = tmp_path / "elsewhere.toml"
+    elsewhere.write_text(
+        'active = "a"\n[profiles.a]\nPREFECT_API_URL = "http://a:1/api"\n'
+        '[profiles.b]\nPREFECT_API_URL = "http://b:2/api"\n'
+    )
+    (tmp_path / "profiles.toml").write_text('[profiles.a]\nPREFECT_API_URL = "http://no:3/api"\n')
+    env = {"PREFECT_HOME": str(tmp_path), "PREFECT_PROFILES_PATH": str(elsewhere)}
+    assert ui_url(env) == "http://a:1"
+    assert ui_url({**env, "PREFECT_PROFILE": "b"}) == "http://b:2"
+    elsewhere.write_text("not toml [")
+    assert ui_url(env) is None  # broken profiles: no link, never a crash

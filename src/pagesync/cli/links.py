@@ -9,34 +9,20 @@ keeps for `run` serves no UI, so with nothing configured there is no link, only 
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 
-from ..prefect.settings import prefect_home
+from ..prefect.settings import setting
 
 #: Prefect Cloud's API and UI addresses (Prefect's own defaults for them).
 CLOUD_API, CLOUD_UI = "https://api.prefect.cloud/api", "https://app.prefect.cloud"
 
 
-def _setting(name: str, env: Mapping[str, str]) -> str | None:
-    """A Prefect setting from the environment, else from the active profile."""
-    if env.get(name):
-        return env[name]
-    try:
-        profiles = tomllib.loads((prefect_home(env) / "profiles.toml").read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
-    active = env.get("PREFECT_PROFILE") or profiles.get("active")
-    value = profiles.get("profiles", {}).get(active, {}).get(name)
-    return str(value) if value else None
-
-
 def ui_url(env: Mapping[str, str] = os.environ) -> str | None:
     """The Prefect UI's base address, derived the way Prefect derives it, or None."""
-    explicit = _setting("PREFECT_UI_URL", env)
+    explicit = setting("PREFECT_UI_URL", env)
     if explicit:
         return explicit.rstrip("/")
-    api = _setting("PREFECT_API_URL", env)
+    api = setting("PREFECT_API_URL", env)
     if not api:
         return None
     ui = api.rstrip("/")

@@ -44,7 +44,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ import httpx
 
 from ..core.errors import ConfigError
 from ..core.procs import alive
-from .settings import prefect_home
+from .settings import UnreadableProfiles, prefect_home, profile
 
 #: What Prefect sets for its own temporary server, plus what a one-shot server can skip.
 SERVER_ENV = {
@@ -92,17 +91,10 @@ def api_configured(cwd: Path | None = None) -> bool:
             name != ".env" and "[api]" in text.replace("tool.prefect.", "")
         ):
             return True
-    home = prefect_home()
-    profiles = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
     try:
-        data = tomllib.loads(profiles.read_text())
-    except FileNotFoundError:
-        return False
-    except (OSError, tomllib.TOMLDecodeError):
+        return bool(profile().get("PREFECT_API_URL"))
+    except UnreadableProfiles:
         return True
-    active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
-    profile = data.get("profiles", {}).get(active, {})
-    return bool(profile.get("PREFECT_API_URL"))
 
 
 def _die_with_parent() -> None:

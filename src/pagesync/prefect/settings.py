@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,6 +30,38 @@ def prefect_home(env: Mapping[str, str] = os.environ) -> Path:
     """PREFECT_HOME as Prefect resolves it, read without importing Prefect (the local
     server and its runs live there)."""
     return Path(env.get("PREFECT_HOME", "~/.prefect")).expanduser()
+
+
+class UnreadableProfiles(Exception):
+    """The Prefect profiles file exists but cannot be read or parsed."""
+
+
+def profile(env: Mapping[str, str] = os.environ) -> dict[str, object]:
+    """The active Prefect profile's settings, read as Prefect reads them (PREFECT_PROFILES_PATH,
+    else PREFECT_HOME/profiles.toml; PREFECT_PROFILE, else the file's `active`) without
+    importing Prefect. Empty when there is no profiles file; UnreadableProfiles when it is
+    broken, so each caller decides what a broken file means for it."""
+    path = Path(env.get("PREFECT_PROFILES_PATH") or prefect_home(env) / "profiles.toml")
+    try:
+        data = tomllib.loads(path.expanduser().read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UnreadableProfiles(str(e)) from e
+    active = env.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
+    return dict(data.get("profiles", {}).get(active, {}))
+
+
+def setting(name: str, env: Mapping[str, str] = os.environ) -> str | None:
+    """A Prefect setting from the environment, else from the active profile (None if unset
+    or the profiles file is unreadable)."""
+    if env.get(name):
+        return env[name]
+    try:
+        value = profile(env).get(name)
+    except UnreadableProfiles:
+        return None
+    return str(value) if value else None
 
 
 def configure() -> None:
