@@ -197,6 +197,43 @@ def test_integer_column_keeps_later_fractional_values(engine: Engine) -> None:
     assert [r["price"] for r in rows(engine)] == [10, 10.5, 0.25]
 
 
+@pytest.mark.parametrize(
+    ("first", "later", "on_sqlite", "on_postgresql"),
+    [
+        # An id-like number that becomes a string: PostgreSQL refuses 'seven' in a BIGINT.
+        (7, "seven", [7, "seven"], ["7", "seven"]),
+        (1.5, "n/a", [1.5, "n/a"], ["1.5", "n/a"]),
+        (True, "maybe", [1, "maybe"], ["true", "maybe"]),
+        (7, True, [7, 1], ["7", "true"]),  # a bool where whole numbers were
+        (7, {"v": 7}, [7, '{"v":7}'], ["7", '{"v":7}']),  # an object where a number was
+        ("seven", 7, ["seven", "7"], ["seven", "7"]),  # a number in a text column: its text
+    ],
+)
+def test_a_field_that_changes_type_keeps_every_value_and_is_reported_once(
+    engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+    first: Any,
+    later: Any,
+    on_sqlite: list[Any],
+    on_postgresql: list[Any],
+) -> None:
+    """An API whose field changes type must not fail its pages on a typed column: the
+    column becomes text where the database would refuse the value (SQLite keeps any value
+    in any column), every value is kept, earlier ones as their text, and one warning
+    names the table, the column and the types."""
+    dest = Destination(engine)
+    write(dest, [{"id": 1, "v": first}])
+    with caplog.at_level("WARNING", logger="pagesync"):
+        write(dest, [{"id": 2, "v": later}], page=2)
+        write(dest, [{"id": 3, "v": later}], page=3)  # the same drift again: not reported
+    warnings = [r.getMessage() for r in caplog.records if "changed type" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert "items.v" in warnings[0] and type(later).__name__ in warnings[0], warnings[0]
+    write(Destination(engine), [{"id": 4, "v": later}], page=4)  # a new run's destination
+    first_value, later_value = on_sqlite if engine.dialect.name == "sqlite" else on_postgresql
+    assert [r["v"] for r in rows(engine)] == [first_value, *[later_value] * 3]
+
+
 def test_rolled_back_first_page_leaves_the_destination_usable(engine: Engine) -> None:
     """The page's transaction can roll back (a lost lease, a failed checkpoint) after the
     table was created in it: the next page must still be written."""

@@ -3,10 +3,15 @@
 Top-level fields become typed columns (nested values are stored as JSON), and every row
 carries `_pagesync_*` metadata columns. Identifiers come from the API, so they are always
 quoted by the dialect's own preparer, never pasted into SQL.
+
+APIs change a field's type over time (an id that was a number becomes a string). A value
+a typed column cannot hold never fails the page: where the database would refuse it the
+column becomes text (earlier values kept as their text), and the change is logged once.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +23,19 @@ from .dbapi import run_on_driver
 from .errors import ExtractError
 
 META_COLUMNS = ("_pagesync_partition", "_pagesync_page", "_pagesync_synced_at")
+
+log = logging.getLogger("pagesync.destination")
+
+_NUMBERS = frozenset({int, float})
+#: What each column type pagesync creates holds as it is; other values are type drift.
+#: Columns of other types (a table the user made) are left to the database.
+HOLDS: dict[str, frozenset[type]] = {
+    "BIGINT": frozenset({int}), "INTEGER": frozenset({int}),
+    "DOUBLE PRECISION": _NUMBERS, "REAL": _NUMBERS, "FLOAT": _NUMBERS,
+    "BOOLEAN": frozenset({bool}), "TEXT": frozenset({str}),
+    "JSON": frozenset({dict, list}), "JSONB": frozenset({dict, list}),
+}  # fmt: skip
+_NESTED = frozenset({dict, list})
 
 
 def _sql_type(value: Any, dialect: str) -> str:
@@ -74,6 +92,7 @@ class Destination:
         self.quote = engine.dialect.identifier_preparer.quote_identifier
         self.paramstyle = "?" if engine.dialect.paramstyle == "qmark" else "%s"
         self.tables: dict[str, Table] = {}
+        self.reported: set[tuple[str, str]] = set()  # columns whose type change was logged
 
     def _load(self, conn: Connection, name: str, primary_key: list[str]) -> Table:
         table = self.tables.get(name)
@@ -91,8 +110,6 @@ class Destination:
         """Create the table, or add columns for fields seen for the first time."""
         seen = set().union(*records) if records else set()
         missing = [f for f in sorted(seen) if f not in table.columns]
-        if self.dialect == "postgresql" and table.columns:
-            self._widen_numbers(conn, table, records)
         if table.columns and not missing:
             return
         q = self.quote
@@ -124,19 +141,6 @@ class Destination:
             data.update(types)
             table.columns = {**data, **{m: "TEXT" for m in META_COLUMNS}}
         self._prepare(table)
-
-    def _widen_numbers(self, conn: Connection, table: Table, records: list[dict[str, Any]]) -> None:
-        """PostgreSQL would round 10.5 into a BIGINT column: make it a float column first.
-        (SQLite keeps any value in any column.)"""
-        ints = [c for c, t in table.columns.items() if t.upper() in ("BIGINT", "INTEGER")]
-        for name in ints:
-            if any(type(r.get(name)) is float for r in records):
-                self._forget_on_rollback(conn, table.name)
-                conn.exec_driver_sql(
-                    f"ALTER TABLE {self.quote(table.name)} ALTER COLUMN {self.quote(name)} "
-                    "TYPE DOUBLE PRECISION"
-                )
-                table.columns[name] = "DOUBLE PRECISION"
 
     def _prepare(self, table: Table) -> None:
         q = self.quote
@@ -173,6 +177,7 @@ class Destination:
             self._prepare(table)
         meta = (partition, page, datetime.now(UTC).isoformat(timespec="seconds"))
         rows = self._rows(table, records, meta)
+        self._fit(conn, table, rows)
         for idx in table.pk_idx:
             if any(row[idx] is None for row in rows):
                 key = list(table.columns)[idx]
@@ -187,11 +192,10 @@ class Destination:
         """Records as rows in column order, nested values as JSON text.
 
         The hot path of a page: JSON columns are known from the table, so only their values
-        are converted; a nested value turning up in another column (type drift) sends the
-        page down the slow path that checks every value.
+        are converted here; values of other types in a column are `_fit`'s.
         """
         fields = list(table.columns)[: -len(META_COLUMNS)]
-        dumps, nested, json_idx = orjson.dumps, {dict, list}, table.json_idx
+        dumps, json_idx = orjson.dumps, table.json_idx
         rows = []
         append = rows.append
         for record in records:
@@ -201,12 +205,60 @@ class Destination:
                 if v is not None:
                     row[i] = dumps(v).decode()
             append(row)
-        for i in range(len(fields)):
-            if i not in json_idx and nested & set(map(type, [row[i] for row in rows])):
-                for row in rows:
-                    if type(row[i]) in nested:
-                        row[i] = dumps(row[i]).decode()
         return rows
+
+    def _fit(self, conn: Connection, table: Table, rows: list[list[Any]]) -> None:
+        """Make the page's values fit their columns: each column's value types checked
+        against what it holds (one set a column a page, in C), nested values outside JSON
+        columns as JSON text, and a column the database would refuse a value in retyped."""
+        names = list(table.columns)[: -len(META_COLUMNS)]
+        for i, name in enumerate(names):
+            if i in table.json_idx:
+                continue  # any JSON value was written as JSON text
+            found = set(map(type, [row[i] for row in rows]))
+            found.discard(type(None))
+            holds = HOLDS.get(table.columns[name].upper())
+            if holds is None or found <= holds:
+                if found & _NESTED:  # a column of the user's own type
+                    _dump_nested(rows, i)
+                continue
+            if found & _NESTED:
+                _dump_nested(rows, i)
+            self._retype(conn, table, name, found, holds)
+
+    def _retype(
+        self, conn: Connection, table: Table, name: str, found: set[type], holds: frozenset[type]
+    ) -> None:
+        """A column met values it does not hold. SQLite keeps any value in any column;
+        PostgreSQL refuses them, so its column becomes DOUBLE PRECISION (fractions in a
+        whole-number column, not worth a warning) or TEXT."""
+        column_type = table.columns[name].upper()
+        numbers_only = found <= _NUMBERS and holds <= _NUMBERS
+        if numbers_only and self.dialect == "sqlite":
+            return
+        new_type = (
+            None if self.dialect == "sqlite" else "DOUBLE PRECISION" if numbers_only else "TEXT"
+        )
+        if new_type is not None and new_type != column_type:
+            q = self.quote
+            self._forget_on_rollback(conn, table.name)
+            conn.exec_driver_sql(
+                f"ALTER TABLE {q(table.name)} ALTER COLUMN {q(name)} TYPE {new_type} "
+                f"USING {q(name)}::{new_type.lower()}"
+            )
+            table.columns[name] = new_type
+            self._prepare(table)
+        if numbers_only or (table.name, name) in self.reported:
+            return
+        self.reported.add((table.name, name))
+        kinds = ", ".join(sorted(t.__name__ for t in found - holds))
+        log.warning(
+            "%s.%s changed type: %s values in its %s column; %s",
+            table.name, name, kinds, column_type,
+            "kept as they came (SQLite holds any value in any column)" if new_type is None
+            else "stored as their text" if new_type == column_type
+            else f"the column is {new_type} now, earlier values kept as their text",
+        )  # fmt: skip
 
     def write_rejected(
         self,
@@ -248,3 +300,11 @@ class Destination:
             if not inspect(conn).has_table(stream):
                 return 0
             return conn.exec_driver_sql(f"SELECT COUNT(*) FROM {self.quote(stream)}").scalar() or 0
+
+
+def _dump_nested(rows: list[list[Any]], i: int) -> None:
+    """Column `i`'s objects and lists as JSON text, in place."""
+    dumps = orjson.dumps
+    for row in rows:
+        if type(row[i]) in _NESTED:
+            row[i] = dumps(row[i]).decode()
