@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from sqlalchemy import Engine, event, inspect
 from sqlalchemy.engine import Connection
 
+from . import records as records_
 from .dbapi import run_on_driver
 from .errors import ExtractError
+
+if TYPE_CHECKING:
+    from .config import Nested
 
 META_COLUMNS = ("_pagesync_partition", "_pagesync_page", "_pagesync_synced_at")
 
@@ -167,21 +171,55 @@ class Destination:
         *,
         partition: str,
         page: int,
+        nested: Nested | None = None,
     ) -> int:
-        """Upsert one page of records inside the caller's transaction; returns the count."""
+        """Upsert one page of records inside the caller's transaction; returns the count.
+
+        With `nested.child_tables`, each listed field's items go to `<stream>__<field>`, and
+        a record's earlier items there are replaced in the same transaction."""
         if not records:
             return 0
-        table = self._load(conn, stream, primary_key)
+        meta = (partition, page, datetime.now(UTC).isoformat(timespec="seconds"))
+        if nested is None or not (nested.flatten or nested.child_tables):
+            return self._upsert(conn, stream, primary_key, records, meta)
+        parents, children = records_.split(
+            records, primary_key, nested.child_tables, nested.flatten
+        )
+        count = self._upsert(conn, stream, primary_key, parents, meta)
+        keys = [records_.parent_column(k) for k in primary_key]
+        owners = [[r.get(k) for k in primary_key] for r in records]
+        for field, rows in children.items():
+            child = f"{stream}{records_.SEP}{field}"
+            self._forget_items(conn, child, keys, owners)
+            if rows:
+                self._upsert(conn, child, [*keys, records_.INDEX], rows, meta)
+        return count
+
+    def _forget_items(
+        self, conn: Connection, child: str, keys: list[str], owners: list[Any]
+    ) -> None:
+        """Delete the child rows of this page's records: their lists are replaced whole."""
+        table = self._load(conn, child, [*keys, records_.INDEX])
+        if not table.columns:
+            return  # no table yet: nothing to replace
+        q, mark = self.quote, self.paramstyle
+        where = " AND ".join(f"{q(k)} = {mark}" for k in keys)
+        run_on_driver(conn, f"DELETE FROM {q(child)} WHERE {where}", owners, many=True)
+
+    def _upsert(
+        self, conn: Connection, name: str, key: list[str], records: list[Any], meta: tuple[Any, ...]
+    ) -> int:
+        """One table's part of a page: created or widened to fit, then one executemany."""
+        table = self._load(conn, name, key)
         self._widen(conn, table, records)
         if table.sql is None:
             self._prepare(table)
-        meta = (partition, page, datetime.now(UTC).isoformat(timespec="seconds"))
         rows = self._rows(table, records, meta)
         self._fit(conn, table, rows)
         for idx in table.pk_idx:
             if any(row[idx] is None for row in rows):
-                key = list(table.columns)[idx]
-                raise ExtractError(f"a record has no primary key field {key!r}", transient=False)
+                field = list(table.columns)[idx]
+                raise ExtractError(f"a record has no primary key field {field!r}", transient=False)
         run_on_driver(conn, table.sql, rows, many=True)  # no per-row wrapping
         return len(rows)
 
