@@ -349,9 +349,10 @@ def check(config: ConfigOpt = None) -> None:
     """Validate the config, import its Python streams and models, reach each source.
 
     Exit 2 when the config or its code is wrong, 1 when a source does not answer."""
+    from ..core.errors import ExtractError
     from ..core.http import SourceClient
-    from ..core.paginators import PageRequest
-    from ..core.streams import user_code
+    from ..core.paginators import base_request
+    from ..core.streams import Declarative, user_code
 
     cfg = _config(config)
     out.print(
@@ -371,25 +372,34 @@ def check(config: ConfigOpt = None) -> None:
             out.print(f"[green]✓[/green] {name}: imports {escape(', '.join(found))}")
     if wrong:
         raise typer.Exit(2)
-    bad = 0
+    bad = shape = 0
     for name, stream in cfg.streams.items():
         source = cfg.sources[stream.source]
         once = source.model_copy(update={"retry": source.retry.model_copy(update={"attempts": 1})})
         client = SourceClient(once)
         reader = readers[name]
-        base = PageRequest(stream.path if "{" not in stream.path else "/", dict(stream.params))
+        base = base_request(stream, stream.path if "{" not in stream.path else "/", {})
         try:  # the stream's first request, as a run would send it (less partition values)
             response = client.get(reader.request(base, reader.first()))
+            # The first page read as a run reads it: a records path, stop path or
+            # GraphQL error the response contradicts is the config's to fix (exit 2).
+            if isinstance(reader, Declarative):
+                try:
+                    reader.parse(response, reader.first())
+                except ExtractError as e:
+                    e.url = client.redact(response.url)
+                    shape += not e.transient
+                    raise
             out.print(
                 f"[green]✓[/green] {name}: {escape(client.redact(response.url))} answered "
                 f"{response.status_code}"
             )
         except PagesyncError as e:
             bad += 1
-            out.print(f"[red]✗[/red] {name}: {escape(str(e))}")
+            out.print(f"[red]✗[/red] {name}: {escape(client.hide(str(e)))}")
         finally:
             client.close()
-    raise typer.Exit(1 if bad else 0)
+    raise typer.Exit(2 if shape else 1 if bad else 0)
 
 
 @app.command()

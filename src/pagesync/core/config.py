@@ -7,6 +7,7 @@ a setting silently ignored.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from datetime import UTC, datetime, timedelta
@@ -107,15 +108,60 @@ class Source(Model):
     )
 
 
+Location = Literal["query", "header", "body"]
+
+
 class Cursor(Model):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     field: str = Field(description="Dotted path of the cursor value in each record.")
     param: str | None = Field(None, description="Query parameter filtering on cursor >= value.")
     start: str | int | float | None = Field(None, description="Where the first sync starts.")
+    location: Location = Field(
+        "query", alias="in", description="Where param goes: query, header, or body (a dotted path)."
+    )
+
+
+class Match(Model):
+    """A response to recognise by status code, and optionally by text in its body."""
+
+    status: int = Field(ge=300, le=599)
+    contains: str | None = Field(None, description="Text the body must contain to match.")
+
+    def matches(self, status: int, text: str) -> bool:
+        return status == self.status and (self.contains is None or self.contains in text)
+
+
+class ResponseAction(Match):
+    """dlt's response_actions: an answer that means "nothing here" for this request."""
+
+    action: Literal["skip"] = Field(
+        "skip", description="skip: the request has no records; the partition completes."
+    )
 
 
 class _Paginator(Model):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     stable_tokens: bool = Field(
         False, description="The paginator's tokens stay valid to resume from after a crash."
+    )
+    has_more: str | None = Field(
+        None, description="Dotted path of a boolean in the body; false means the last page."
+    )
+    max_pages: int | None = Field(None, ge=1, description="Stop after this many pages.")
+    end_of_data: list[Match] = Field(
+        default_factory=list,
+        description="Answers after the first page that mean there are no more pages.",
+    )
+
+
+class _Injected(_Paginator):
+    """A paginator whose token is sent as a query parameter, a header or in the JSON body."""
+
+    param: str = "cursor"
+    location: Location = Field(
+        "query", alias="in", description="Where the token goes: query, header, or body."
     )
 
 
@@ -124,10 +170,32 @@ class NextUrlPaginator(_Paginator):
     path: str = "next_url"
 
 
-class CursorPaginator(_Paginator):
+class CursorPaginator(_Injected):
     type: Literal["cursor"]
     path: str
-    param: str = "cursor"
+
+
+class HeaderCursorPaginator(_Injected):
+    type: Literal["header_cursor"]
+    header: str = Field("X-Next-Cursor", description="Response header holding the next token.")
+
+
+class LastRecordPaginator(_Injected):
+    """Stripe's starting_after: the next page starts after the last record's value."""
+
+    type: Literal["last_record"]
+    field: str = Field("id", description="Dotted path in the last record of the token.")
+    param: str = "starting_after"
+
+
+class GraphQLPaginator(_Paginator):
+    """A GraphQL connection: `after: $cursor` from pageInfo.endCursor, hasNextPage the stop."""
+
+    type: Literal["graphql"]
+    query: str = Field(description="The query document; it declares the cursor variable.")
+    variables: dict[str, Any] = Field(default_factory=dict)
+    connection: str = Field(description="Dotted path of the connection, e.g. data.issues.")
+    cursor_variable: str = "cursor"
 
 
 class LinkHeaderPaginator(_Paginator):
@@ -140,6 +208,10 @@ class OffsetPaginator(_Paginator):
     limit: int = Field(100, ge=1)
     limit_param: str = "limit"
     offset_param: str = "offset"
+    total: str | None = Field(None, description="Dotted path of the total count; stop at it.")
+    max_offset: int | None = Field(
+        None, ge=0, description="The API's largest accepted offset; past it is an error."
+    )
 
 
 class PageNumberPaginator(_Paginator):
@@ -148,6 +220,12 @@ class PageNumberPaginator(_Paginator):
     start: int = 1
     size: int | None = Field(None, ge=1, description="Page size; a shorter page is the last.")
     size_param: str | None = None
+    total: str | None = Field(None, description="Dotted path of the total count; stop at it.")
+    # Django REST Framework answers the page after the last with 404 "Invalid page.".
+    end_of_data: list[Match] = Field(
+        default_factory=lambda: [Match(status=404, contains="Invalid page")],
+        description="Answers after the first page that mean there are no more pages.",
+    )
 
 
 class SinglePagePaginator(_Paginator):
@@ -157,6 +235,9 @@ class SinglePagePaginator(_Paginator):
 Paginator = Annotated[
     NextUrlPaginator
     | CursorPaginator
+    | HeaderCursorPaginator
+    | LastRecordPaginator
+    | GraphQLPaginator
     | LinkHeaderPaginator
     | OffsetPaginator
     | PageNumberPaginator
@@ -248,6 +329,11 @@ class Stream(Model):
         None, description="A pydantic model (package.module:Name) records are validated with."
     )
     params: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    method: Literal["GET", "POST"] = "GET"
+    body: dict[str, Any] | None = Field(
+        None, description="JSON body template (a mapping, or a JSON string); implies POST."
+    )
+    response_actions: list[ResponseAction] = Field(default_factory=list)
     records: str | None = Field(None, description="Dotted path to the record list; none = body.")
     primary_key: list[str] = Field(min_length=1)
     cursor: Cursor | None = None
@@ -256,6 +342,18 @@ class Stream(Model):
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)
     schedule: Schedule | None = None
     nested: Nested = Field(default_factory=Nested)
+
+    @field_validator("body", mode="before")
+    @classmethod
+    def _json_body(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not valid JSON ({e.msg} at character {e.pos})") from None
+            if not isinstance(v, dict):
+                raise ValueError(f"must be a JSON object, got {type(v).__name__}")
+        return v
 
     @model_validator(mode="after")
     def _path_or_class(self) -> Stream:

@@ -35,9 +35,9 @@ from .errors import (
     PaginationLoop,
     Stopped,
 )
-from .extract import values_at
+from .extract import dig, found_instead, values_at
 from .http import RateLimiter, SourceClient
-from .paginators import PageRequest, Token
+from .paginators import PageRequest, Token, base_request
 from .partitions import PartitionSpec, plan
 from .store import (
     COMPLETE,
@@ -53,6 +53,7 @@ from .store import (
 from .streams import user_code
 
 log = logging.getLogger("pagesync")
+_ABSENT = object()
 
 
 class Stop:
@@ -267,11 +268,7 @@ class PartitionRun:
         return {"start": start, "resume": start, "page": 0, "sorted": True}
 
     def _base_request(self, position: dict[str, Any]) -> PageRequest:
-        params = {**self.stream.params, **self.spec.params}
-        resume = position.get("resume")
-        if resume is not None and self.stream.cursor and self.stream.cursor.param:
-            params[self.stream.cursor.param] = resume
-        return PageRequest(self.spec.path, params)
+        return base_request(self.stream, self.spec.path, self.spec.params, position.get("resume"))
 
     def _release_untouched(self) -> None:
         assert self.lease is not None
@@ -324,14 +321,17 @@ class PartitionRun:
         crashpoints.reached("after_fetch")
         records, nxt = self._parse(response, token)
         page = self.next_page
+        if run.reader.max_pages is not None and page >= run.reader.max_pages:
+            nxt = None  # paginator.max_pages: the partition ends here
         if nxt is not None:
-            if nxt == token or nxt in pos.setdefault("_seen", set()):
+            seen = nxt if isinstance(nxt, str | int) else dumps(nxt)
+            if nxt == token or seen in pos.setdefault("_seen", set()):
                 raise PaginationLoop(
                     f"the API sent page {page}'s next-page pointer again "
                     f"({run.client.redact(str(nxt))}): a pagination loop; stopped",
                     url=run.client.redact(response.url),
                 )
-            pos["_seen"].add(nxt)
+            pos["_seen"].add(seen)
             self._prefetch(run.reader.request(self._base, nxt))
         cursor_before = pos.get("cursor")
         if self.cursor_field and records:
@@ -385,6 +385,12 @@ class PartitionRun:
         pos, field_ = self._position, self.cursor_field
         values = values_at(records, field_)
         if not values:
+            if all(dig(r, field_, _ABSENT) is _ABSENT for r in records):
+                raise ExtractError(
+                    f"cursor.field: {field_!r} is in none of the page's records "
+                    f"({found_instead(records[0], field_)} in the first)",
+                    transient=False,
+                )
             return
         prev = pos.get("cursor")
         try:

@@ -34,6 +34,26 @@ def dig(obj: Any, path: str | None, default: Any = _MISSING) -> Any:
     return obj
 
 
+def found_instead(obj: Any, path: str | None) -> str:
+    """What a response held where `path` found nothing: the keys (never the values, which
+    may be secret) of the deepest object the path reached, a few of them."""
+    where = []
+    for step in (path or "").split("."):
+        if isinstance(obj, dict) and step in obj and isinstance(obj[step], dict | list):
+            obj = obj[step]
+            where.append(step)
+        else:
+            break
+    at = f" at {'.'.join(where)!r}" if where else ""
+    if isinstance(obj, dict):
+        keys = list(obj)
+        shown = ", ".join(map(str, keys[:6])) + (
+            f", ... ({len(keys)} keys)" if len(keys) > 6 else ""
+        )
+        return f"it holds keys {shown}{at}" if keys else f"it holds an empty object{at}"
+    return f"it holds a {type(obj).__name__}{at}"
+
+
 def values_at(records: list[Any], path: str) -> list[Any]:
     """The non-null values at `path` in each record, in order (a page's cursor values).
 
@@ -65,7 +85,8 @@ def records_at(body: Any, path: str | None) -> list[dict[str, Any]]:
         found = dig(body, path)
     except KeyError as e:
         raise ExtractError(
-            f"records path {path!r} not found in response body (missing key {e.args[0]!r})",
+            f"records path {path!r} not found in response body (missing key {e.args[0]!r}; "
+            f"{found_instead(body, path)})",
             transient=False,
         ) from None
     if found is None:

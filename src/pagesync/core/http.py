@@ -185,7 +185,8 @@ class SourceClient:
         return cap / 2 + random.random() * cap / 2  # "equal jitter": never zero, never in step
 
     def get(self, req: PageRequest) -> httpx.Response:
-        """GET with retries; returns a 2xx response with its body read, or raises HTTPError."""
+        """The request with retries; returns a 2xx response (or one `req.accept` matches)
+        with its body read, or raises HTTPError."""
         client = self._client_for(req.url)
         attempts = self.retry.attempts
         last: str = ""
@@ -193,7 +194,13 @@ class SourceClient:
             if self.limiter is not None:
                 self.limiter.wait()
             try:
-                response = client.get(req.url, params=req.params or None)
+                response = client.request(
+                    req.method,
+                    req.url,
+                    params=req.params or None,
+                    headers=req.headers or None,
+                    json=req.json,
+                )
             except httpx.TooManyRedirects:
                 raise HTTPError(
                     "too many redirects (a redirect loop)",
@@ -208,7 +215,7 @@ class SourceClient:
                     continue
                 raise HTTPError(f"{last} after {attempts} tries", url=url) from None
             status = response.status_code
-            if status < 300:
+            if status < 300 or any(m.matches(status, response.text) for m in req.accept):
                 return _unlinked(response)
             url = self.redact(response.url)
             last = f"HTTP {status}"

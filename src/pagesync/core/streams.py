@@ -27,7 +27,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ class Stream:
 
     #: Whether tokens stay valid to resume from after a crash (see DESIGN: resume points).
     stable_tokens: bool = False
+    #: Stop after this many pages of a partition (None: no limit).
+    max_pages: int | None = None
 
     def __init__(self, config: cfg.Stream) -> None:
         self.config = config
@@ -82,17 +84,24 @@ class Declarative(Stream):
         super().__init__(config)
         self.paginator: Paginator = make_paginator(config.paginator)
         self.stable_tokens = self.paginator.stable_tokens
+        self.max_pages = config.paginator.max_pages
 
     def first(self) -> Token:
         return self.paginator.first()
 
     def request(self, base: PageRequest, token: Token) -> PageRequest:
-        return self.paginator.request(base, token)
+        req = self.paginator.request(base, token)
+        accept = (*self.paginator.accept(token), *self.config.response_actions)
+        return replace(req, accept=accept) if accept else req
 
     def parse(self, response: httpx.Response, token: Token) -> Page:
+        if response.status_code >= 300:  # an answer `request` accepted: no more records
+            return Page([], None)
         body = parse_body(response.content, response.headers.get("content-type"))
-        records = records_at(body, self.config.records)
-        return Page(records, self.paginator.next(token, response, body, records))
+        records = self.paginator.records(body)
+        if records is None:
+            records = records_at(body, self.config.records)
+        return Page(records, self.paginator.advance(token, response, body, records))
 
 
 def project_package(folder: Path) -> str:
