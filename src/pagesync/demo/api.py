@@ -22,7 +22,7 @@ import threading
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,6 +58,8 @@ GROUP_SIZE = 3  # items sharing one updated_at, so equal cursor values straddle 
 CONTROL_PREFIX = "/_control/"
 MAX_BODY = 10 * 1024 * 1024
 ZERO_TOKEN_KEY = ("1970-01-01T00:00:00Z", 0)  # sorts before every record: "the first page"
+OFFSET_CAP = 1000  # /capped/items refuses offsets above it, as many search APIs do
+POST_ROUTES = frozenset({"/search/items", "/notion/items", "/graphql"})
 
 FAULT_KINDS = frozenset(
     {
@@ -73,6 +75,8 @@ FAULT_KINDS = frozenset(
         "redirect_loop",
         "redirect",
         "foreign_next",
+        "graphql_throttled",
+        "graphql_error",
     }
 )
 
@@ -363,6 +367,19 @@ class _Request:
     query: dict[str, str]
     headers: dict[str, str]
     base: str  # scheme://host as the client addressed us, for absolute next URLs
+    json: Any = None  # the parsed JSON body of a POST
+
+
+def _json_body(req: _Request) -> dict[str, Any]:
+    if not isinstance(req.json, dict):
+        raise _HTTPError(400, "this endpoint wants a JSON object body (POST)")
+    return req.json
+
+
+def _with_query(req: _Request, extra: dict[str, Any]) -> _Request:
+    """`req` as if `extra` (a body's or header's paging fields) had been query parameters."""
+    query = {**req.query, **{k: str(v) for k, v in extra.items() if isinstance(v, str | int)}}
+    return replace(req, query=query)
 
 
 def _json(status: int, payload: Any, headers: Sequence[tuple[str, str]] = ()) -> _Response:
@@ -478,6 +495,13 @@ class DemoAPI:
             "/offset/items": self._offset_style,
             "/page/items": self._page_style,
             "/customers": self._customers,
+            "/header/items": self._header_style,
+            "/stripe/items": self._stripe_style,
+            "/drf/items": self._drf_style,
+            "/capped/items": self._capped_style,
+            "/search/items": self._search_style,
+            "/notion/items": self._notion_style,
+            "/graphql": self._graphql,
         }
 
     # -- lifecycle
@@ -634,6 +658,7 @@ class DemoAPI:
                     "path": req.path,
                     "query": dict(req.query),
                     "headers": req.headers,
+                    "json": req.json,
                     "fault": chosen.kind if chosen else None,
                     "at": time.time(),
                 }
@@ -648,8 +673,9 @@ class DemoAPI:
                     401, "missing or invalid credentials", [("WWW-Authenticate", "Bearer")]
                 )
             endpoint = self._route(req.path)
-            if req.method != "GET":
-                raise _HTTPError(405, f"{req.method} is not allowed here", [("Allow", "GET")])
+            allowed = "POST" if req.path in POST_ROUTES else "GET"
+            if req.method != allowed:
+                raise _HTTPError(405, f"{req.method} is not allowed here", [("Allow", allowed)])
             return endpoint(req, rule)
         except _HTTPError as exc:
             return _error(exc.status, exc.message, exc.headers)
@@ -895,6 +921,152 @@ class DemoAPI:
             % (_rows(view, start, end), orjson.dumps(token)),
         )
 
+    # -- the pagination styles of real APIs (issue 17), over the same items
+
+    def _header_style(self, req: _Request, rule: _FaultRule | None) -> _Response:
+        """The next token in an `X-Next-Cursor` header; sent back as ?cursor= or `X-Cursor`."""
+        if "x-cursor" in req.headers:
+            req = _with_query(req, {"cursor": req.headers["x-cursor"]})
+        rows, token = self._keyset(req, rule, "limit", "cursor")
+        headers = [("X-Next-Cursor", token)] if token else []
+        return _Response(200, b'{"data":%s}' % rows, headers=headers)
+
+    def _stripe_style(self, req: _Request, rule: _FaultRule | None) -> _Response:
+        """Stripe's lists: `starting_after=<id of the last record>` and `has_more`."""
+        size = _size_param(req.query, "limit")
+        view, lo, hi = self._select(req.query)
+        start = lo
+        raw = req.query.get("starting_after", "")
+        if raw:
+            record = self._records.get(int(raw)) if raw.isdigit() else None
+            if record is None:
+                raise _HTTPError(400, f"starting_after: no such object {raw!r}")
+            start = bisect_right(view.keys, (record.epoch, record.item["id"]), lo, hi)
+        if rule is not None and rule.kind == "repeat_token":
+            start = lo
+        end = min(start + size, hi)
+        return _Response(
+            200,
+            b'{"object":"list","data":%s,"has_more":%s}'
+            % (_rows(view, start, end), b"true" if end < hi else b"false"),
+        )
+
+    def _drf_style(self, req: _Request, rule: _FaultRule | None) -> _Response:
+        """Django REST Framework's PageNumberPagination: `count`, `next`, `results`, and
+        404 {"detail": "Invalid page."} for any page past the last."""
+        size = _size_param(req.query, "page_size")
+        page = _int_param(req.query, "page", 1, 1)
+        view, lo, hi = self._select(req.query)
+        last = max(1, math.ceil((hi - lo) / size))
+        if page > last:
+            return _json(404, {"detail": "Invalid page."})
+        start = lo + (page - 1) * size
+        end = min(start + size, hi)
+        nxt = self._url(req, {"page": str(page + 1)}, rule, req.base) if page < last else None
+        body = b'{"count":%d,"next":%s,"previous":null,"results":%s}' % (
+            hi - lo,
+            orjson.dumps(nxt),
+            _rows(view, start, end),
+        )
+        return _Response(200, body)
+
+    def _capped_style(self, req: _Request, rule: _FaultRule | None) -> _Response:
+        """limit/offset with `total`, refusing offsets above OFFSET_CAP (Elasticsearch's
+        max_result_window, Zendesk, HubSpot search)."""
+        limit = _size_param(req.query, "limit")
+        offset = _int_param(req.query, "offset", 0, 0)
+        if offset > OFFSET_CAP:
+            return _json(400, {"detail": f"offset must be <= {OFFSET_CAP}"})
+        view, lo, hi = self._select(req.query)
+        start = min(hi, lo + offset)
+        rows = _rows(view, start, min(start + limit, hi))
+        return _Response(200, b'{"results":%s,"total":%d}' % (rows, hi - lo))
+
+    def _body_keyset(
+        self, req: _Request, size: int, after: tuple[float, int] | None
+    ) -> tuple[_View, int, int, bool, int]:
+        """A POST's page: the body's filters as query fields, then seek past `after`.
+        Returns the view, the page's [start, end), whether more follow, and the total."""
+        view, lo, hi = self._select(_with_query(req, _json_body(req)).query)
+        start = lo if after is None else bisect_right(view.keys, after, lo, hi)
+        end = min(start + size, hi)
+        return view, start, end, end < hi, hi - lo
+
+    def _search_style(self, req: _Request, rule: _FaultRule | None) -> _Response:
+        """Elasticsearch's search_after: POST {"size", "search_after": [updated_at, id]};
+        each hit carries its `sort` values, the next page's search_after."""
+        body = _json_body(req)
+        size = min(int(body.get("size") or DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE)
+        after = body.get("search_after")
+        key = None
+        if after is not None:
+            try:
+                key = (parse_time(after[0]), int(after[1]))
+            except (TypeError, ValueError, IndexError):
+                raise _HTTPError(400, "search_after must be [updated_at, id]") from None
+        view, start, end, _, total = self._body_keyset(req, size, key)
+        hits = []
+        for blob in view.blobs[start:end]:
+            item = orjson.loads(blob)
+            hits.append({**item, "sort": [item["updated_at"], item["id"]]})
+        return _json(200, {"hits": {"total": {"value": total}, "hits": hits}})
+
+    def _notion_style(self, req: _Request, rule: _FaultRule | None) -> _Response:
+        """Notion's database query: POST {"page_size", "start_cursor"}; `results`,
+        `has_more` and `next_cursor` in the answer."""
+        body = _json_body(req)
+        size = min(int(body.get("page_size") or DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE)
+        key = self._decode(body.get("start_cursor"), "start_cursor")
+        view, start, end, more, _ = self._body_keyset(req, size, key)
+        token = _token_for(view.keys[end - 1]) if more else None
+        return _Response(
+            200,
+            b'{"object":"list","results":%s,"has_more":%s,"next_cursor":%s}'
+            % (_rows(view, start, end), b"true" if more else b"false", orjson.dumps(token)),
+        )
+
+    def _graphql(self, req: _Request, rule: _FaultRule | None) -> _Response:
+        """A GraphQL connection `items(first, after, updatedSince)`: edges or nodes (as the
+        query asks), pageInfo; faults graphql_throttled / graphql_error answer 200 + errors."""
+        if rule is not None and rule.kind == "graphql_throttled":
+            error = {"message": "Throttled", "extensions": {"code": "THROTTLED"}}
+            return _json(200, {"data": None, "errors": [error]})
+        if rule is not None and rule.kind == "graphql_error":
+            return _json(200, {"data": None, "errors": [{"message": "Internal server error"}]})
+        body = _json_body(req)
+        query = str(body.get("query") or "")
+        if "items" not in query:
+            error = {"message": "Cannot query field: the query must select `items`"}
+            return _json(200, {"data": None, "errors": [error]})
+        variables = body.get("variables") or {}
+        size = min(int(variables.get("first") or DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE)
+        since = variables.get("updatedSince")
+        req = _with_query(req, {"updated_at__gte": since} if since else {})
+        key = self._decode(variables.get("after"), "after")
+        view, lo, hi = self._select(req.query)
+        start = lo if key is None else bisect_right(view.keys, key, lo, hi)
+        end = min(start + size, hi)
+        nodes = [orjson.loads(b) for b in view.blobs[start:end]]
+        cursors = [_token_for(k) for k in view.keys[start:end]]
+        conn: dict[str, Any] = {
+            "pageInfo": {"hasNextPage": end < hi, "endCursor": cursors[-1] if cursors else None}
+        }
+        if "nodes" in query and "edges" not in query:
+            conn["nodes"] = nodes
+        else:
+            conn["edges"] = [{"cursor": c, "node": n} for c, n in zip(cursors, nodes, strict=True)]
+        return _json(200, {"data": {"items": conn}})
+
+    @staticmethod
+    def _decode(token: Any, name: str) -> tuple[float, int] | None:
+        if token in (None, ""):
+            return None
+        try:
+            updated_at, item_id = decode_token(str(token))
+            return (parse_time(updated_at), item_id)
+        except ValueError:
+            raise _HTTPError(400, f"{name} is not a valid page token") from None
+
     # -- faults that replace the answer
 
     def _fault_response(self, rule: _FaultRule, req: _Request) -> _Response:
@@ -1050,6 +1222,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             params = parse_qsl(target.query, keep_blank_values=True)
             host = self.headers.get("host") or api.netloc
+            try:
+                parsed = orjson.loads(body) if body else None
+            except orjson.JSONDecodeError:
+                parsed = None
             req = _Request(
                 method=self.command,
                 path=target.path,
@@ -1058,6 +1234,7 @@ class _Handler(BaseHTTPRequestHandler):
                 query=dict(params),
                 headers={k.lower(): v for k, v in self.headers.items()},
                 base=f"http://{host}",
+                json=parsed,
             )
             rule = api._log_and_match(req)
             if target.path == "/oauth/token" and self.command == "POST" and rule is None:
