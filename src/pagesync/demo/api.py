@@ -1267,7 +1267,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif rule.kind == "slow":
             time.sleep(rule.delay)
             self._send(api._respond(req))
-        elif rule.kind in ("repeat_token", "foreign_next"):
+        elif rule.kind in ("repeat_token", "foreign_next", "graphql_throttled", "graphql_error"):
             self._send(api._respond(req, rule))
         elif rule.kind == "truncate":
             response = api._respond(req)
