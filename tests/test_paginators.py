@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagesync.core import config as cfg
+from pagesync.core.errors import ExtractError
 from pagesync.core.paginators import (
     Cursor,
     LinkHeader,
@@ -350,3 +351,57 @@ def test_boundaries_exactly_once(kind: str, n: int, k: int) -> None:
     records = list(range(100, 100 + n))
     seen, _ = _walk(paginator(**_specs(k)[kind]), _serve(records, k, kind), n // k + 2)
     assert seen == records
+
+
+# -- issue 17: tokens in headers and bodies, shared stops, GraphQL -------------------------
+
+
+def test_token_goes_into_a_nested_body_path_without_touching_the_template() -> None:
+    template = PageRequest("search", json={"size": 10, "page": {"size": 10}})
+    p = paginator(type="cursor", path="next", param="page.after", **{"in": "body"})
+    req = p.request(template, "t2")
+    assert req.method == "POST" and req.json == {"size": 10, "page": {"size": 10, "after": "t2"}}
+    assert template.json == {"size": 10, "page": {"size": 10}}
+
+
+def test_header_cursor_reads_a_response_header_and_sends_a_header() -> None:
+    p = paginator(type="header_cursor", header="X-Next", param="X-Cursor", **{"in": "header"})
+    assert p.advance(None, response(headers={"X-Next": "abc"}), {}, [{"id": 1}]) == "abc"
+    assert p.advance("abc", response(), {}, [{"id": 1}]) is None
+    assert p.request(BASE, "abc").headers == {"X-Cursor": "abc"}
+
+
+def test_has_more_false_stops_and_a_missing_path_names_the_key() -> None:
+    p = paginator(type="last_record", field="id", has_more="meta.has_more")
+    body = {"meta": {"has_more": False}, "data": []}
+    assert p.advance(None, response(), body, [{"id": 7}]) is None
+    body["meta"]["has_more"] = True
+    assert p.advance(None, response(), body, [{"id": 7}]) == 7
+    with pytest.raises(ExtractError, match=r"paginator.has_more: 'meta.has_more' not found.*"
+                       r"it holds keys data, more"):  # fmt: skip
+        p.advance(None, response(), {"data": [], "more": True}, [{"id": 7}])
+
+
+def test_offset_stops_at_the_total_and_names_its_cap() -> None:
+    p = paginator(type="offset", limit=10, total="count", max_offset=20)
+    full = [{"id": i} for i in range(10)]
+    assert p.advance(10, response(), {"count": 20}, full) is None  # no empty page fetched
+    assert p.advance(0, response(), {"count": 25}, full) == 10
+    with pytest.raises(ExtractError, match="needs offset 30, past the API's cap of 20"):
+        p.advance(20, response(), {"count": 99}, full)
+
+
+def test_graphql_records_next_and_errors() -> None:
+    p = paginator(type="graphql", query="q", connection="data.c", variables={"first": 2})
+    req = p.request(BASE, "end1")
+    assert req.json == {"query": "q", "variables": {"first": 2, "cursor": "end1"}}
+    body = {"data": {"c": {"edges": [{"node": {"id": 1}}], "pageInfo": {
+        "hasNextPage": True, "endCursor": "e2"}}}}  # fmt: skip
+    assert p.records(body) == [{"id": 1}] and p.advance(None, response(), body, []) == "e2"
+    throttled = {"errors": [{"message": "x", "extensions": {"code": "THROTTLED"}}]}
+    with pytest.raises(ExtractError, match="GraphQL error") as err:
+        p.records(throttled)
+    assert err.value.transient
+    with pytest.raises(ExtractError) as err:
+        p.records({"errors": [{"message": "Field 'x' doesn't exist"}]})
+    assert not err.value.transient
