@@ -256,3 +256,21 @@ def test_readme_examples_are_valid_and_read_their_first_page(tmp_path: Path, api
     result = run_cli("check", "-c", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("answered 200") == len(streams)
+
+
+@pytest.mark.parametrize("style", ["notion", "graphql_edges", "stripe"])
+def test_switchable_faults_work_on_the_new_endpoints(
+    tmp_path: Path, api: DemoAPI, style: str
+) -> None:
+    path = write_config(tmp_path, api.url, {style: spec(style)}, state=db(tmp_path))
+    where = STYLES[style][0]["path"]
+    api.add_faults([
+        {"kind": "status", "status": 503, "path": where, "after": 1},
+        {"kind": "truncate", "path": where, "after": 4},
+        {"kind": "reset", "path": where, "after": 7},
+    ])  # fmt: skip
+    result = run_cli("run", style, "-c", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    faults = [r["fault"] for r in api.requests if r["fault"]]
+    assert sorted(faults) == ["reset", "status", "truncate"]
+    assert_exactly_once(db(tmp_path), style, [i["id"] for i in api.items])
