@@ -346,9 +346,10 @@ def reset(
 
 @app.command()
 def check(config: ConfigOpt = None) -> None:
-    """Validate the config, import its Python streams and models, reach each source.
+    """Validate the config, import its Python streams and models, read each stream's first page.
 
-    Exit 2 when the config or its code is wrong, 1 when a source does not answer."""
+    Exit 2 when the config or its code is wrong, or a first page contradicts it (records
+    path, has_more, total, GraphQL errors); 1 when a source does not answer."""
     from ..core.errors import ExtractError
     from ..core.http import SourceClient
     from ..core.paginators import base_request
