@@ -25,6 +25,7 @@ from pagesync.core.paginators import (
     PageRequest,
     Paginator,
     SinglePage,
+    base_request,
     make_paginator,
 )
 
@@ -405,3 +406,23 @@ def test_graphql_records_next_and_errors() -> None:
     with pytest.raises(ExtractError) as err:
         p.records({"errors": [{"message": "Field 'x' doesn't exist"}]})
     assert not err.value.transient
+
+
+@pytest.mark.parametrize(
+    ("where", "expect"),
+    [
+        ("query", {"params": {"limit": 5, "since": "2024"}}),
+        ("header", {"headers": {"X-Since": "2024"}}),
+        ("body", {"json": {"size": 5, "filter": {"since": "2024"}}, "method": "POST"}),
+    ],
+)
+def test_incremental_filter_goes_where_the_cursor_says(where: str, expect: dict) -> None:
+    param = {"query": "since", "header": "X-Since", "body": "filter.since"}[where]
+    stream = cfg.Stream.model_validate({
+        "source": "s", "path": "/x", "primary_key": ["id"], "params": {"limit": 5},
+        "body": {"size": 5} if where == "body" else None,
+        "cursor": {"field": "updated_at", "param": param, "in": where},
+    })  # fmt: skip
+    req = base_request(stream, "/x", {}, "2024")
+    for attr, value in expect.items():
+        assert getattr(req, attr) == value
