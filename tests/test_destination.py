@@ -336,6 +336,31 @@ def test_a_rolled_back_page_rolls_back_its_child_rows(engine: Engine) -> None:
     assert [r["sku"] for r in rows(engine, "items__lines", order="_index")] == ["b"]
 
 
+def test_append_tables_insert_every_row_and_take_back_a_loads_rewritten_rows(
+    engine: Engine,
+) -> None:
+    """An append table has no key: the same record twice is two rows. `forget_load` takes
+    back one load's rows of one partition from a page on, or at a cursor value, and
+    nothing of another load or partition."""
+    dest = Destination(engine)
+
+    def append(records: list[dict[str, Any]], page: int, load: str, partition: str = "p") -> None:
+        with dest.engine.begin() as conn:
+            dest.write(conn, "items", [], records, partition=partition, page=page, load=load)
+
+    append([{"id": 1, "at": "t1"}, {"id": 1, "at": "t1"}], 1, "a")
+    append([{"id": 2, "at": "t2"}], 2, "a")
+    append([{"id": 3, "at": "t3"}], 3, "a")
+    append([{"id": 3, "at": "t3"}], 3, "b")  # another walk
+    append([{"id": 3, "at": "t3"}], 3, "a", partition="q")
+    assert "_pagesync_load" in columns(engine)
+    assert len(rows(engine)) == 6
+    with dest.engine.begin() as conn:
+        assert dest.forget_load(conn, "items", "p", "a", 3, ("at", "t2")) == 2
+    left = sorted((r["id"], r["_pagesync_load"], r["_pagesync_partition"]) for r in rows(engine))
+    assert left == [(1, "a", "p"), (1, "a", "p"), (3, "a", "q"), (3, "b", "p")]
+
+
 def test_hostile_field_names_are_ordinary_columns(engine: Engine) -> None:
     dest = Destination(engine)
     record = {"id": 1, HOSTILE: "boom", SPACES: 2, "select": "kw", "Name": "upper"}

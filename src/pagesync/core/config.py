@@ -335,7 +335,14 @@ class Stream(Model):
     )
     response_actions: list[ResponseAction] = Field(default_factory=list)
     records: str | None = Field(None, description="Dotted path to the record list; none = body.")
-    primary_key: list[str] = Field(min_length=1)
+    primary_key: list[str] = Field(
+        default_factory=list, description="Required unless write_disposition is append."
+    )
+    write_disposition: Literal["merge", "append"] = Field(
+        "merge",
+        description="merge: upsert by primary key. append: insert every record of every run "
+        "(no primary key needed), each once per run, resumes included.",
+    )
     cursor: Cursor | None = None
     paginator: Paginator = Field(default_factory=lambda: SinglePagePaginator(type="single"))
     partitions: Partitions | None = None
@@ -359,6 +366,15 @@ class Stream(Model):
     def _path_or_class(self) -> Stream:
         if not self.path and not self.class_:
             raise ValueError("give path (or class, for a Python stream)")
+        return self
+
+    @model_validator(mode="after")
+    def _keyed_unless_appended(self) -> Stream:
+        if self.write_disposition == "merge" and not self.primary_key:
+            raise ValueError("primary_key: give the fields that identify a record (or "
+                             "write_disposition: append, to insert every record)")  # fmt: skip
+        if not self.primary_key and self.nested.child_tables:
+            raise ValueError("nested.child_tables: needs a primary_key to key the items by")
         return self
 
     @model_validator(mode="after")

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from .config import Nested
 
 META_COLUMNS = ("_pagesync_partition", "_pagesync_page", "_pagesync_synced_at")
+#: An append table's extra metadata column: which walk of the partition wrote the row, so a
+#: resumed walk can take back exactly its own uncommitted or re-read rows.
+LOAD = "_pagesync_load"
 
 log = logging.getLogger("pagesync.destination")
 
@@ -77,10 +80,13 @@ def column_types(records: list[dict[str, Any]], names: list[str], dialect: str) 
 class Table:
     """What we know of one stream's table, so each page costs one executemany."""
 
-    def __init__(self, name: str, primary_key: list[str], columns: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, primary_key: list[str], columns: dict[str, str], append: bool = False
+    ) -> None:
         self.name = name
-        self.primary_key = primary_key
-        self.columns = columns  # name -> SQL type, in table order
+        self.primary_key = primary_key  # none: an append table, plain INSERTs
+        self.meta = (*META_COLUMNS, LOAD) if append else META_COLUMNS
+        self.columns = columns  # name -> SQL type, in table order, the metadata last
         self.sql: str | None = None
         self.pk_idx: list[int] = []
         self.json_idx: list[int] = []
@@ -98,16 +104,24 @@ class Destination:
         self.tables: dict[str, Table] = {}
         self.reported: set[tuple[str, str]] = set()  # columns whose type change was logged
 
-    def _load(self, conn: Connection, name: str, primary_key: list[str]) -> Table:
+    def _load(
+        self, conn: Connection, name: str, primary_key: list[str], append: bool = False
+    ) -> Table:
         table = self.tables.get(name)
         if table is None:
             insp = inspect(conn)
+            meta = Table(name, primary_key, {}, append).meta
             cols: dict[str, str] = {}
             if insp.has_table(name):
                 found = {c["name"]: str(c["type"]) for c in insp.get_columns(name)}
-                cols = {c: t for c, t in found.items() if c not in META_COLUMNS}
-                cols.update({m: "TEXT" for m in META_COLUMNS})
-            table = self.tables[name] = Table(name, primary_key, cols)
+                if append and LOAD not in found:  # a merge table's stream now appends
+                    self._forget_on_rollback(conn, name)
+                    conn.exec_driver_sql(
+                        f"ALTER TABLE {self.quote(name)} ADD COLUMN {self.quote(LOAD)} TEXT"
+                    )
+                cols = {c: t for c, t in found.items() if c not in meta}
+                cols.update({m: "TEXT" for m in meta})
+            table = self.tables[name] = Table(name, primary_key, cols, append)
         return table
 
     def _widen(self, conn: Connection, table: Table, records: list[dict[str, Any]]) -> None:
@@ -127,23 +141,21 @@ class Destination:
         if not table.columns:
             pk_first = table.primary_key + [m for m in missing if m not in table.primary_key]
             defs = [f"{q(c)} {types.get(c, 'TEXT')}" for c in pk_first]
-            defs += [f"{q('_pagesync_partition')} TEXT", f"{q('_pagesync_page')} INTEGER",
-                     f"{q('_pagesync_synced_at')} TEXT"]  # fmt: skip
-            pk = ", ".join(q(k) for k in table.primary_key)
-            conn.exec_driver_sql(
-                f"CREATE TABLE IF NOT EXISTS {q(table.name)} ({', '.join(defs)}, PRIMARY KEY ({pk}))"
-            )
+            defs += [f"{q(m)} {'INTEGER' if m == '_pagesync_page' else 'TEXT'}" for m in table.meta]
+            if table.primary_key:
+                defs.append(f"PRIMARY KEY ({', '.join(q(k) for k in table.primary_key)})")
+            conn.exec_driver_sql(f"CREATE TABLE IF NOT EXISTS {q(table.name)} ({', '.join(defs)})")
             table.columns = {c: types.get(c, "TEXT") for c in pk_first}
-            table.columns.update({m: "TEXT" for m in META_COLUMNS})
+            table.columns.update({m: "TEXT" for m in table.meta})
         else:
             for name in missing:
                 conn.exec_driver_sql(
                     f"ALTER TABLE {q(table.name)} ADD COLUMN {q(name)} {types[name]}"
                 )
             # Our column order keeps the metadata last, whatever order the database has.
-            data = {c: t for c, t in table.columns.items() if c not in META_COLUMNS}
+            data = {c: t for c, t in table.columns.items() if c not in table.meta}
             data.update(types)
-            table.columns = {**data, **{m: "TEXT" for m in META_COLUMNS}}
+            table.columns = {**data, **{m: "TEXT" for m in table.meta}}
         self._prepare(table)
 
     def _prepare(self, table: Table) -> None:
@@ -154,9 +166,9 @@ class Destination:
         pk = ", ".join(q(k) for k in table.primary_key)
         sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in cols if c not in table.primary_key)
         action = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
-        table.sql = (
-            f"INSERT INTO {q(table.name)} ({names}) VALUES ({marks}) ON CONFLICT ({pk}) {action}"
-        )
+        table.sql = f"INSERT INTO {q(table.name)} ({names}) VALUES ({marks})"
+        if table.primary_key:
+            table.sql += f" ON CONFLICT ({pk}) {action}"
         table.pk_idx = [cols.index(k) for k in table.primary_key]
         table.json_idx = [
             i for i, c in enumerate(cols) if table.columns[c].upper() in ("JSON", "JSONB")
@@ -172,14 +184,18 @@ class Destination:
         partition: str,
         page: int,
         nested: Nested | None = None,
+        load: str | None = None,
     ) -> int:
         """Upsert one page of records inside the caller's transaction; returns the count.
 
         With `nested.child_tables`, each listed field's items go to `<stream>__<field>`, and
-        a record's earlier items there are replaced in the same transaction."""
+        a record's earlier items there are replaced in the same transaction. With `load`
+        (an append stream: no primary key), rows are inserted and marked with the load."""
         if not records:
             return 0
-        meta = (partition, page, datetime.now(UTC).isoformat(timespec="seconds"))
+        meta: tuple[Any, ...] = (partition, page, datetime.now(UTC).isoformat(timespec="seconds"))
+        if load is not None:
+            return self._upsert(conn, stream, [], records, (*meta, load), append=True)
         if nested is None or not (nested.flatten or nested.child_tables):
             return self._upsert(conn, stream, primary_key, records, meta)
         parents, children = records_.split(
@@ -206,11 +222,44 @@ class Destination:
         where = " AND ".join(f"{q(k)} = {mark}" for k in keys)
         run_on_driver(conn, f"DELETE FROM {q(child)} WHERE {where}", owners, many=True)
 
+    def forget_load(
+        self,
+        conn: Connection,
+        stream: str,
+        partition: str,
+        load: str,
+        from_page: int,
+        cursor: tuple[str, Any] | None = None,
+    ) -> int:
+        """Take back an append stream's rows that a resumed walk of the partition writes
+        again: its pages from `from_page` on (written, never checkpointed), and with
+        `cursor`, the rows at the resume cursor value, which the walk reads again."""
+        table = self._load(conn, stream, [], append=True)
+        if not table.columns:
+            return 0  # nothing written yet
+        q, mark = self.quote, self.paramstyle
+        where = f"{q('_pagesync_page')} >= {mark}"
+        params: list[Any] = [partition, load, from_page]
+        if cursor is not None and cursor[0] in table.columns:
+            where = f"({where} OR {q(cursor[0])} = {mark})"
+            params.append(cursor[1])
+        sql = (
+            f"DELETE FROM {q(stream)} WHERE {q('_pagesync_partition')} = {mark} "
+            f"AND {q(LOAD)} = {mark} AND {where}"
+        )
+        return int(conn.exec_driver_sql(sql, tuple(params)).rowcount or 0)
+
     def _upsert(
-        self, conn: Connection, name: str, key: list[str], records: list[Any], meta: tuple[Any, ...]
+        self,
+        conn: Connection,
+        name: str,
+        key: list[str],
+        records: list[Any],
+        meta: tuple[Any, ...],
+        append: bool = False,
     ) -> int:
         """One table's part of a page: created or widened to fit, then one executemany."""
-        table = self._load(conn, name, key)
+        table = self._load(conn, name, key, append)
         self._widen(conn, table, records)
         if table.sql is None:
             self._prepare(table)
@@ -232,7 +281,7 @@ class Destination:
         The hot path of a page: JSON columns are known from the table, so only their values
         are converted here; values of other types in a column are `_fit`'s.
         """
-        fields = list(table.columns)[: -len(META_COLUMNS)]
+        fields = list(table.columns)[: -len(table.meta)]
         dumps, json_idx = orjson.dumps, table.json_idx
         rows = []
         append = rows.append
@@ -249,7 +298,7 @@ class Destination:
         """Make the page's values fit their columns: each column's value types checked
         against what it holds (one set a column a page, in C), nested values outside JSON
         columns as JSON text, and a column the database would refuse a value in retyped."""
-        names = list(table.columns)[: -len(META_COLUMNS)]
+        names = list(table.columns)[: -len(table.meta)]
         for i, name in enumerate(names):
             if i in table.json_idx:
                 continue  # any JSON value was written as JSON text

@@ -14,6 +14,7 @@ import logging
 import operator
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -193,6 +194,7 @@ class PartitionRun:
         self.key = spec.key
         self.stream = run.stream
         self.cursor_field = run.stream.cursor.field if run.stream.cursor else None
+        self.appends = run.stream.write_disposition == "append"
         self.lease: Lease | None = None
         self.outcome = PartitionOutcome(spec.key, RUNNING)
         self.warned = False
@@ -218,6 +220,8 @@ class PartitionRun:
         resumed: str | None = None
         if run.full_refresh:
             new = self._generation(config_start)
+            if lease.status != COMPLETE:  # an unfinished walk: this one replaces it
+                self._forget_rewritten(st, everything=True)
         elif lease.status == COMPLETE:
             incremental = (
                 cursor_spec is not None and cursor_spec.param and self.spec.window_end is None
@@ -233,9 +237,11 @@ class PartitionRun:
             if self._cursor_resumable(st):
                 new = {**st, "next": None, "resume": st["cursor"]}
                 resumed = f"cursor {st['cursor']!r}"
+                self._forget_rewritten(st, cursor=True)
             elif run.reader.stable_tokens and "next" in st:
                 new = dict(st)
                 resumed = f"page {st['page'] + 1} (stored token)"
+                self._forget_rewritten(st)
             else:
                 log.warning(
                     "stream %s partition %s: no safe resume point (records not in cursor order "
@@ -244,8 +250,10 @@ class PartitionRun:
                 )  # fmt: skip
                 new = self._generation(st.get("start", config_start))
                 resumed = "restart"
+                self._forget_rewritten(st, everything=True)
         else:
             new = self._generation(st.get("start", config_start))
+            self._forget_rewritten(st, everything=True)  # a first walk that never committed
         if self.spec.window_end is not None:
             new["window_end"] = self.spec.window_end
         new.pop("done", None)
@@ -261,11 +269,34 @@ class PartitionRun:
 
     def _cursor_resumable(self, st: dict[str, Any]) -> bool:
         c = self.stream.cursor
+        if self.appends and c is not None and "." in c.field:
+            return False  # its rows at the resume value cannot be found to take back
         return bool(c and c.param and st.get("sorted") and st.get("cursor") is not None)
 
     def _generation(self, start: Any) -> dict[str, Any]:
-        """A fresh walk of the partition, filtering from `start` when there is one."""
-        return {"start": start, "resume": start, "page": 0, "sorted": True}
+        """A fresh walk of the partition, filtering from `start` when there is one; an
+        append stream's walk gets a load id its rows carry."""
+        walk = {"start": start, "resume": start, "page": 0, "sorted": True}
+        if self.appends:
+            walk["load"] = uuid.uuid4().hex
+        return walk
+
+    def _forget_rewritten(
+        self, st: dict[str, Any], *, cursor: bool = False, everything: bool = False
+    ) -> None:
+        """An append stream resuming or restarting an unfinished walk: take back the rows
+        it will write again (see `Destination.forget_load`), so each record lands once."""
+        load = st.get("load")
+        if not self.appends or load is None:
+            return
+        from_page = 1 if everything else int(st.get("page", 0)) + 1
+        at = (self.cursor_field, st["cursor"]) if cursor and self.cursor_field else None
+        dest = self.run.destination
+        with write_lock(dest.engine), dest.engine.begin() as conn:
+            n = dest.forget_load(conn, self.run.name, self.key, load, from_page, at)
+        if n:
+            log.info("stream %s partition %s: %d appended rows to write again taken back",
+                     self.run.name, self.key, n)  # fmt: skip
 
     def _base_request(self, position: dict[str, Any]) -> PageRequest:
         return base_request(self.stream, self.spec.path, self.spec.params, position.get("resume"))
@@ -456,7 +487,7 @@ class PartitionRun:
             run.destination.write_rejected(conn, run.name, rejected, partition=self.key, page=page)
         return run.destination.write(
             conn, run.name, self.stream.primary_key, records, partition=self.key, page=page,
-            nested=self.stream.nested,
+            nested=self.stream.nested, load=self._position.get("load") if self.appends else None,
         )  # fmt: skip
 
     def _commit(self, done: bool) -> None:
