@@ -14,39 +14,28 @@ import orjson
 from sqlalchemy import Engine, event, inspect
 from sqlalchemy.engine import Connection
 
+from . import dialects
 from .dbapi import run_on_driver
 from .errors import ExtractError
 
 META_COLUMNS = ("_pagesync_partition", "_pagesync_page", "_pagesync_synced_at")
-
-
-def _sql_type(value: Any, dialect: str) -> str:
-    pg = dialect == "postgresql"
-    if isinstance(value, bool):
-        return "BOOLEAN"
-    if isinstance(value, int):
-        return "BIGINT" if pg else "INTEGER"
-    if isinstance(value, float):
-        return "DOUBLE PRECISION" if pg else "REAL"
-    if isinstance(value, (dict, list)):
-        return "JSONB" if pg else "JSON"
-    return "TEXT"
+_FLOATS = frozenset({"REAL", "DOUBLE PRECISION", "DOUBLE"})
 
 
 def column_types(records: list[dict[str, Any]], names: list[str], dialect: str) -> dict[str, str]:
     """A type per new column from the page's values; a float anywhere makes it a float."""
     types: dict[str, str] = {}
     for name in names:
-        chosen = "TEXT"
+        text = chosen = dialects.text_type(dialect)
         for record in records:
             value = record.get(name)
             if value is None:
                 continue
-            t = _sql_type(value, dialect)
-            if t in ("REAL", "DOUBLE PRECISION"):
+            t = dialects.value_type(value, dialect)
+            if t in _FLOATS:
                 chosen = t
                 break
-            if chosen == "TEXT":
+            if chosen == text:
                 chosen = t
         types[name] = chosen
     return types
@@ -62,6 +51,7 @@ class Table:
         self.sql: str | None = None
         self.pk_idx: list[int] = []
         self.json_idx: list[int] = []
+        self.key_chars: dict[int, int] = {}
 
 
 class Destination:
@@ -72,16 +62,17 @@ class Destination:
         self.dialect = engine.dialect.name
         # Always quoted: SQLAlchemy's own rule leaves some SQLite keywords (`nothing`) bare.
         self.quote = engine.dialect.identifier_preparer.quote_identifier
-        self.paramstyle = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        self.paramstyle = dialects.positional_mark(engine.dialect.paramstyle)
+        self.text = dialects.text_type(self.dialect)
         self.tables: dict[str, Table] = {}
+        self._rejected_ready: set[str] = set()  # MySQL: `<stream>__rejected` exists
 
     def _load(self, conn: Connection, name: str, primary_key: list[str]) -> Table:
         table = self.tables.get(name)
         if table is None:
-            insp = inspect(conn)
             cols: dict[str, str] = {}
-            if insp.has_table(name):
-                found = {c["name"]: str(c["type"]) for c in insp.get_columns(name)}
+            found = dialects.table_columns(conn, name)
+            if found:
                 cols = {c: t for c, t in found.items() if c not in META_COLUMNS}
                 cols.update({m: "TEXT" for m in META_COLUMNS})
             table = self.tables[name] = Table(name, primary_key, cols)
@@ -91,7 +82,7 @@ class Destination:
         """Create the table, or add columns for fields seen for the first time."""
         seen = set().union(*records) if records else set()
         missing = [f for f in sorted(seen) if f not in table.columns]
-        if self.dialect == "postgresql" and table.columns:
+        if self.dialect != "sqlite" and table.columns:
             self._widen_numbers(conn, table, records)
         if table.columns and not missing:
             return
@@ -105,14 +96,17 @@ class Destination:
         self._forget_on_rollback(conn, table.name)
         if not table.columns:
             pk_first = table.primary_key + [m for m in missing if m not in table.primary_key]
-            defs = [f"{q(c)} {types.get(c, 'TEXT')}" for c in pk_first]
+            text_keys = sum(types.get(k, self.text) == self.text for k in table.primary_key)
+            for key in table.primary_key:
+                types[key] = dialects.key_type(types.get(key, self.text), self.dialect, text_keys)
+            defs = [f"{q(c)} {types.get(c, self.text)}" for c in pk_first]
             defs += [f"{q('_pagesync_partition')} TEXT", f"{q('_pagesync_page')} INTEGER",
                      f"{q('_pagesync_synced_at')} TEXT"]  # fmt: skip
             pk = ", ".join(q(k) for k in table.primary_key)
             conn.exec_driver_sql(
                 f"CREATE TABLE IF NOT EXISTS {q(table.name)} ({', '.join(defs)}, PRIMARY KEY ({pk}))"
             )
-            table.columns = {c: types.get(c, "TEXT") for c in pk_first}
+            table.columns = {c: types.get(c, self.text) for c in pk_first}
             table.columns.update({m: "TEXT" for m in META_COLUMNS})
         else:
             for name in missing:
@@ -126,33 +120,35 @@ class Destination:
         self._prepare(table)
 
     def _widen_numbers(self, conn: Connection, table: Table, records: list[dict[str, Any]]) -> None:
-        """PostgreSQL would round 10.5 into a BIGINT column: make it a float column first.
-        (SQLite keeps any value in any column.)"""
-        ints = [c for c, t in table.columns.items() if t.upper() in ("BIGINT", "INTEGER")]
+        """PostgreSQL, DuckDB and MariaDB would round 10.5 into a BIGINT column: make it a
+        float column first. (SQLite keeps any value in any column.)"""
+        ints = [
+            c for c, t in table.columns.items() if dialects.base_type(t) in ("BIGINT", "INTEGER")
+        ]
         for name in ints:
             if any(type(r.get(name)) is float for r in records):
                 self._forget_on_rollback(conn, table.name)
+                new_type = dialects.float_type(self.dialect)
                 conn.exec_driver_sql(
-                    f"ALTER TABLE {self.quote(table.name)} ALTER COLUMN {self.quote(name)} "
-                    "TYPE DOUBLE PRECISION"
+                    dialects.retype(self.dialect, table.name, name, new_type, self.quote)
                 )
-                table.columns[name] = "DOUBLE PRECISION"
+                table.columns[name] = new_type
 
     def _prepare(self, table: Table) -> None:
-        q = self.quote
         cols = list(table.columns)
-        names = ", ".join(q(c) for c in cols)
-        marks = ", ".join([self.paramstyle] * len(cols))
-        pk = ", ".join(q(k) for k in table.primary_key)
-        sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in cols if c not in table.primary_key)
-        action = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
-        table.sql = (
-            f"INSERT INTO {q(table.name)} ({names}) VALUES ({marks}) ON CONFLICT ({pk}) {action}"
+        table.sql = dialects.upsert(
+            self.dialect, table.name, cols, table.primary_key, self.quote, self.paramstyle
         )
         table.pk_idx = [cols.index(k) for k in table.primary_key]
         table.json_idx = [
-            i for i, c in enumerate(cols) if table.columns[c].upper() in ("JSON", "JSONB")
+            i for i, c in enumerate(cols) if dialects.base_type(table.columns[c]) in ("JSON", "JSONB")
         ]
+        #: MySQL/MariaDB text keys are VARCHAR(n): their length, checked before the insert.
+        table.key_chars = {
+            i: int(t.split("(")[1].rstrip(")"))
+            for i, t in ((i, table.columns[cols[i]].upper()) for i in table.pk_idx)
+            if t.startswith("VARCHAR(") and self.dialect in dialects.MYSQL
+        }
 
     def write(
         self,
@@ -177,6 +173,15 @@ class Destination:
             if any(row[idx] is None for row in rows):
                 key = list(table.columns)[idx]
                 raise ExtractError(f"a record has no primary key field {key!r}", transient=False)
+        for idx, limit in table.key_chars.items():
+            longest = max(len(str(row[idx])) for row in rows)
+            if longest > limit:
+                raise ExtractError(
+                    f"stream {stream}: primary key field {list(table.columns)[idx]!r} has a value "
+                    f"of {longest} characters; this {self.dialect} table's key holds {limit} "
+                    f"(VARCHAR({limit}), the most an InnoDB key allows)",
+                    transient=False,
+                )
         run_on_driver(conn, table.sql, rows, many=True)  # no per-row wrapping
         return len(rows)
 
@@ -220,15 +225,41 @@ class Destination:
         """Records a stream's model refused, with why and where from, in `<stream>__rejected`."""
         q, mark = self.quote, self.paramstyle
         name = q(f"{stream}__rejected")
-        conn.exec_driver_sql(
-            f"CREATE TABLE IF NOT EXISTS {name} ({q('partition')} TEXT, {q('page')} INTEGER, "
-            f"{q('error')} TEXT, {q('record')} TEXT, {q('rejected_at')} TEXT)"
-        )
+        if stream not in self._rejected_ready:
+            self._rejected_table(conn, stream)
         now = datetime.now(UTC).isoformat(timespec="seconds")
         rows = [
             (partition, page, error, orjson.dumps(rec).decode(), now) for rec, error in rejected
         ]
         run_on_driver(conn, f"INSERT INTO {name} VALUES ({', '.join([mark] * 5)})", rows, many=True)
+
+    def _rejected_table(self, conn: Connection, stream: str) -> None:
+        q, text = self.quote, self.text
+        conn.exec_driver_sql(
+            f"CREATE TABLE IF NOT EXISTS {q(f'{stream}__rejected')} ({q('partition')} {text}, "
+            f"{q('page')} INTEGER, {q('error')} {text}, {q('record')} {text}, "
+            f"{q('rejected_at')} {text})"
+        )
+
+    def prepare(
+        self,
+        conn: Connection,
+        stream: str,
+        primary_key: list[str],
+        pages: list[tuple[list[dict[str, Any]], bool]],
+    ) -> None:
+        """Schema changes for the pages of one checkpoint (their records, and whether any
+        were rejected), made before the first row where DDL commits the open transaction
+        (MySQL/MariaDB): so a checkpoint's rows and its state still commit together."""
+        if self.dialect not in dialects.DDL_COMMITS:
+            return
+        records = [r for page, _ in pages for r in page]
+        if records:
+            table = self._load(conn, stream, primary_key)
+            self._widen(conn, table, records)
+        if any(rejected for _, rejected in pages) and stream not in self._rejected_ready:
+            self._rejected_table(conn, stream)
+            self._rejected_ready.add(stream)  # DDL there is committed, whatever follows
 
     def _forget_on_rollback(self, conn: Connection, name: str) -> None:
         """DDL runs in the caller's transaction: if that rolls back, so does our knowledge."""
