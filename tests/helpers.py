@@ -51,7 +51,10 @@ def partition_rows(db_url: str, stream: str) -> list[dict[str, Any]]:
     try:
         with engine.connect() as conn:
             q = text(
-                quoted(engine, "SELECT * FROM pagesync_partitions WHERE stream = :s ORDER BY {partition}")
+                quoted(
+                    engine,
+                    "SELECT * FROM pagesync_partitions WHERE stream = :s ORDER BY {partition}",
+                )
             )
             return [dict(r) for r in conn.execute(q, {"s": stream}).mappings()]
     finally:

@@ -10,9 +10,8 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import Engine, inspect
-
 from conftest import database_url
+from sqlalchemy import Engine, inspect
 
 from pagesync.core.destination import META_COLUMNS, Destination
 from pagesync.core.dialects import DDL_COMMITS, table_columns
@@ -354,3 +353,11 @@ def test_column_values_and_count(engine: Engine) -> None:
     assert dest.column_values("items", "customer_id") == [0, 1, 2]
     assert dest.count("absent") == 0
     assert dest.column_values("absent", "id") == []
+
+
+def test_a_key_twice_in_one_page_keeps_the_last(engine: Engine) -> None:
+    """As row by row: DuckDB writes a page in one statement, where a key may not repeat."""
+    dest = Destination(engine)
+    page = [{"id": 1, "name": "first"}, {"id": 2, "name": "two"}, {"id": 1, "name": "last"}]
+    assert write(dest, page) == 3
+    assert [(r["id"], r["name"]) for r in rows(engine)] == [(1, "last"), (2, "two")]

@@ -141,7 +141,9 @@ class Destination:
         )
         table.pk_idx = [cols.index(k) for k in table.primary_key]
         table.json_idx = [
-            i for i, c in enumerate(cols) if dialects.base_type(table.columns[c]) in ("JSON", "JSONB")
+            i
+            for i, c in enumerate(cols)
+            if dialects.base_type(table.columns[c]) in ("JSON", "JSONB")
         ]
         #: MySQL/MariaDB text keys are VARCHAR(n): their length, checked before the insert.
         table.key_chars = {
@@ -182,7 +184,10 @@ class Destination:
                     f"(VARCHAR({limit}), the most an InnoDB key allows)",
                     transient=False,
                 )
-        run_on_driver(conn, table.sql, rows, many=True)  # no per-row wrapping
+        if self.dialect in dialects.COLUMNAR:
+            run_on_driver(conn, table.sql, dialects.bulk_rows(rows, table.pk_idx))
+        else:
+            run_on_driver(conn, table.sql, rows, many=True)  # no per-row wrapping
         return len(rows)
 
     @staticmethod

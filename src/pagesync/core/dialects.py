@@ -82,11 +82,31 @@ def base_type(sql_type: str) -> str:
     return sql_type.split("(", 1)[0].strip().upper()
 
 
+#: Databases written a page per statement, its columns as lists (`bulk_rows`): DuckDB runs
+#: an executemany as one statement per row, about 4.5 ms a row (measured: 1,000 rows in
+#: 4.5 s, against 12 ms as one INSERT ... SELECT unnest(?) of the page's columns).
+COLUMNAR = frozenset({"duckdb"})
+
+
+def bulk_rows(rows: list[list[Any]], pk_idx: list[int]) -> list[list[Any]]:
+    """A page's rows as one list per column, for an upsert in one statement: a key twice
+    in one statement is an error there, so the last row of a key wins, as it would have
+    row by row."""
+    last = {tuple(row[i] for i in pk_idx): row for row in rows}
+    return [list(column) for column in zip(*last.values(), strict=True)]
+
+
 def upsert(dialect: str, table: str, cols: list[str], pk: list[str], quote: Any, mark: str) -> str:
-    """INSERT of one row that replaces the row with the same primary key."""
+    """INSERT that replaces the row with the same primary key: of one row (an executemany
+    runs it per row), or of a whole page given as column lists on DuckDB."""
     names = ", ".join(quote(c) for c in cols)
-    marks = ", ".join([mark] * len(cols))
-    insert = f"INSERT INTO {quote(table)} ({names}) VALUES ({marks})"
+    if dialect in COLUMNAR:
+        insert = (
+            f"INSERT INTO {quote(table)} ({names}) "
+            f"SELECT {', '.join(f'unnest({mark})' for _ in cols)}"
+        )
+    else:
+        insert = f"INSERT INTO {quote(table)} ({names}) VALUES ({', '.join([mark] * len(cols))})"
     rest = [c for c in cols if c not in pk]
     if dialect in MYSQL:  # MariaDB has no `AS new` row alias; VALUES() is the portable form
         sets = ", ".join(f"{quote(c)} = VALUES({quote(c)})" for c in rest)
