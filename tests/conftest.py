@@ -117,33 +117,33 @@ def pg_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def mysql_database(prefix: str = "pagesync") -> tuple[str, str]:
-    """A new, empty MariaDB database: its name and its URL."""
+def _mysql_admin(statement: str) -> None:
+    """Run one statement as MariaDB's admin user (database creation and removal)."""
     import pymysql
 
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     user, _, hostport = MYSQL_ADMIN.rpartition("@")
     host, _, port = hostport.partition(":")
     conn = pymysql.connect(host=host, port=int(port or 3306), user=user, autocommit=True)
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
-    conn.close()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement)
+    finally:
+        conn.close()
+
+
+def mysql_database(prefix: str = "pagesync") -> tuple[str, str]:
+    """A new, empty MariaDB database: its name and its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    _mysql_admin(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
     return name, f"mysql+pymysql://{MYSQL_ADMIN}/{name}"
 
 
 def drop_mysql_database(name: str) -> None:
-    import pymysql
-
     from pagesync.core.store import _ENGINES
 
     for key in [k for k in _ENGINES if k.endswith(f"/{name}")]:
         _ENGINES.pop(key).dispose()
-    user, _, hostport = MYSQL_ADMIN.rpartition("@")
-    host, _, port = hostport.partition(":")
-    conn = pymysql.connect(host=host, port=int(port or 3306), user=user, autocommit=True)
-    with conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-    conn.close()
+    _mysql_admin(f"DROP DATABASE IF EXISTS `{name}`")
 
 
 @pytest.fixture
