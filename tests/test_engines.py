@@ -105,3 +105,18 @@ def test_mariadb_text_keys_fit_innodb_and_longer_values_are_refused(mysql_url: s
         assert dest.count("one") == 1
     finally:
         _ENGINES.pop(mysql_url).dispose()
+
+
+def test_relative_duckdb_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    from pagesync.core.config import load_config
+
+    path = write_config(
+        tmp_path, "http://127.0.0.1:9", {"items": STREAMS["cursor"]},
+        state="duckdb:///state.duckdb", destination="duckdb:///data/warehouse.duckdb",
+    )  # fmt: skip
+    config = load_config(path)
+    assert config.state == f"duckdb:///{tmp_path.resolve() / 'state.duckdb'}"
+    assert config.destination_url == f"duckdb:///{tmp_path.resolve() / 'data/warehouse.duckdb'}"
+    kept = write_config(tmp_path, "http://127.0.0.1:9", {"items": STREAMS["cursor"]},
+                        state="duckdb:///:memory:")  # fmt: skip
+    assert load_config(kept).state == "duckdb:///:memory:"
