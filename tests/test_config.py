@@ -285,6 +285,11 @@ def test_unknown_paginator_key_names_the_path_in_the_file(tmp_path: Path) -> Non
     assert "streams.items.paginator.lmit" in message, message
 
 
+def test_a_child_table_of_a_primary_key_field_is_refused(tmp_path: Path) -> None:
+    message = error_of(tmp_path, minimal(nested={"child_tables": ["id"]}))
+    assert "streams.items" in message and "'id' is part of the primary key" in message, message
+
+
 def test_unknown_source_reference(tmp_path: Path) -> None:
     message = error_of(tmp_path, minimal(source="warehouse"))
     assert "bad.yaml" in message

@@ -13,6 +13,7 @@ import pytest
 from conftest import database_url
 from sqlalchemy import Engine, inspect
 
+from pagesync.core.config import Nested
 from pagesync.core.destination import META_COLUMNS, Destination
 from pagesync.core.dialects import DDL_COMMITS, table_columns
 from pagesync.core.errors import ExtractError
@@ -40,9 +41,12 @@ def write(
     stream: str = "items",
     pk: list[str] | None = None,
     partition: str = "p",
+    nested: Nested | None = None,
 ) -> int:
     with dest.engine.begin() as conn:
-        return dest.write(conn, stream, pk or ["id"], records, partition=partition, page=page)
+        return dest.write(
+            conn, stream, pk or ["id"], records, partition=partition, page=page, nested=nested
+        )
 
 
 def rows(engine: Engine, table: str = "items", order: str = "id") -> list[dict[str, Any]]:
@@ -218,6 +222,45 @@ def test_integer_column_keeps_later_fractional_values(engine: Engine) -> None:
     assert [r["price"] for r in rows(engine)] == [10, 10.5, 0.25]
 
 
+@pytest.mark.parametrize(
+    ("first", "later", "on_sqlite", "on_postgresql"),
+    [
+        # An id-like number that becomes a string: PostgreSQL refuses 'seven' in a BIGINT.
+        (7, "seven", [7, "seven"], ["7", "seven"]),
+        (1.5, "n/a", [1.5, "n/a"], ["1.5", "n/a"]),
+        (True, "maybe", [1, "maybe"], ["true", "maybe"]),
+        (7, True, [7, 1], ["7", "true"]),  # a bool where whole numbers were
+        (7, {"v": 7}, [7, '{"v":7}'], ["7", '{"v":7}']),  # an object where a number was
+        ("seven", 7, ["seven", "7"], ["seven", "7"]),  # a number in a text column: its text
+    ],
+)
+def test_a_field_that_changes_type_keeps_every_value_and_is_reported_once(
+    engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+    first: Any,
+    later: Any,
+    on_sqlite: list[Any],
+    on_postgresql: list[Any],
+) -> None:
+    """An API whose field changes type must not fail its pages on a typed column: the
+    column becomes text where the database would refuse the value (SQLite keeps any value
+    in any column), every value is kept, earlier ones as their text, and one warning
+    names the table, the column and the types."""
+    dest = Destination(engine)
+    write(dest, [{"id": 1, "v": first}])
+    with caplog.at_level("WARNING", logger="pagesync"):
+        write(dest, [{"id": 2, "v": later}], page=2)
+        write(dest, [{"id": 3, "v": later}], page=3)  # the same drift again: not reported
+    warnings = [r.getMessage() for r in caplog.records if "changed type" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert "items.v" in warnings[0] and type(later).__name__ in warnings[0], warnings[0]
+    write(Destination(engine), [{"id": 4, "v": later}], page=4)  # a new run's destination
+    first_value, later_value = on_sqlite if engine.dialect.name == "sqlite" else on_postgresql
+    if engine.dialect.name == "mysql":  # MariaDB's BOOLEAN is TINYINT(1): true's text is 1
+        first_value, later_value = (v.replace("true", "1") for v in (first_value, later_value))
+    assert [r["v"] for r in rows(engine)] == [first_value, *[later_value] * 3]
+
+
 def test_rolled_back_first_page_leaves_the_destination_usable(engine: Engine) -> None:
     """The page's transaction can roll back (a lost lease, a failed checkpoint) after the
     table was created in it: the next page must still be written."""
@@ -258,6 +301,63 @@ def test_nested_values_stored_as_json_and_round_trip(engine: Engine) -> None:
     assert as_json(got[1]["tags"]) == []
     if engine.dialect.name == "sqlite":
         assert isinstance(got[0]["attrs"], str)  # JSON text
+
+
+def test_flattened_objects_are_columns_named_parent__child(engine: Engine) -> None:
+    dest = Destination(engine)
+    nested = Nested(flatten=True)
+    write(dest, [{"id": 1, "ship": {"city": "Oslo", "geo": {"lat": 59.9}}, "tags": ["a"]}],
+          nested=nested)  # fmt: skip
+    write(dest, [{"id": 2, "ship": {"city": "Bergen", "zip": "5003"}}], page=2, nested=nested)
+    got = rows(engine)
+    assert [(r["id"], r["ship__city"], r["ship__geo__lat"], r["ship__zip"]) for r in got] == [
+        (1, "Oslo", 59.9, None), (2, "Bergen", None, "5003")
+    ]  # fmt: skip
+    assert as_json(got[0]["tags"]) == ["a"]  # lists stay JSON unless split off
+    assert "ship" not in columns(engine)
+
+
+def test_child_tables_are_keyed_by_parent_and_index_and_replaced_with_their_parent(
+    engine: Engine,
+) -> None:
+    """A record's list goes to `<stream>__<field>`; when the record comes again (an upsert),
+    its items are replaced whole in the same transaction: a shorter list leaves no stale
+    rows, and other records' items are untouched."""
+    dest = Destination(engine)
+    nested = Nested(child_tables=["lines", "tags"])
+    orders = [
+        {"id": 1, "total": 3, "lines": [{"sku": "a", "qty": 2}, {"sku": "b", "qty": 1}],
+         "tags": ["new"]},
+        {"id": 2, "total": 5, "lines": [{"sku": "c", "qty": 5}], "tags": ["x", "y"]},
+    ]  # fmt: skip
+    assert write(dest, orders, nested=nested) == 2
+    assert "lines" not in columns(engine) and "tags" not in columns(engine)
+    again = {"id": 1, "total": 2, "lines": [{"sku": "b", "qty": 2}]}  # no tags any more
+    write(Destination(engine), [again], page=2, nested=nested)
+    lines = [(r["_parent_id"], r["_index"], r["sku"], r["qty"])
+             for r in rows(engine, "items__lines", order="_parent_id")]  # fmt: skip
+    assert sorted(lines) == [(1, 0, "b", 2), (2, 0, "c", 5)]
+    tags = sorted(
+        (r["_parent_id"], r["_index"], r["value"])
+        for r in rows(engine, "items__tags", order="_parent_id")
+    )
+    assert tags == [(2, 0, "x"), (2, 1, "y")]
+    assert [(r["id"], r["total"]) for r in rows(engine)] == [(1, 2), (2, 5)]
+    lines_row = rows(engine, "items__lines", order="_parent_id")[0]
+    assert lines_row["_pagesync_page"] in (1, 2) and lines_row["_pagesync_partition"] == "p"
+
+
+def test_a_rolled_back_page_rolls_back_its_child_rows(engine: Engine) -> None:
+    dest = Destination(engine)
+    nested = Nested(child_tables=["lines"])
+    write(dest, [{"id": 1, "lines": [{"sku": "a"}]}], nested=nested)
+    with pytest.raises(RuntimeError), dest.engine.begin() as conn:
+        page = [{"id": 1, "lines": [{"sku": "z"}, {"sku": "y"}]}]
+        dest.write(conn, "items", ["id"], page, partition="p", page=2, nested=nested)
+        raise RuntimeError("checkpoint refused")
+    assert [r["sku"] for r in rows(engine, "items__lines", order="_index")] == ["a"]
+    write(dest, [{"id": 1, "lines": [{"sku": "b"}]}], page=2, nested=nested)
+    assert [r["sku"] for r in rows(engine, "items__lines", order="_index")] == ["b"]
 
 
 def test_hostile_field_names_are_ordinary_columns(engine: Engine) -> None:

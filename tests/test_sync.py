@@ -138,3 +138,32 @@ def test_a_config_built_in_code_is_used_by_its_run_only(tmp_path: Path, api: Dem
     assert flows_stream._HOOKS.get() is None
     with pytest.raises(ConfigError, match="copy"):
         pagesync.sync(str(path), "copy")  # the file itself has no such stream
+
+
+def test_nested_records_flattened_and_split_off_survive_a_failed_run(
+    tmp_path: Path, api: DemoAPI, pg_url: str
+) -> None:
+    """`nested:` end to end, on the at-least-once path (state in PostgreSQL, records in
+    SQLite): a run stopped by the API midway, then run again, leaves every item once,
+    its object as `attrs__*` columns, and every tag once in `items__tags`."""
+    spec = {**STREAMS["cursor"], "nested": {"flatten": True, "child_tables": ["tags"]}}
+    dest = f"sqlite:///{tmp_path / 'dest.db'}"
+    path = write_config(tmp_path, api.url, {"items": spec}, state=pg_url, destination=dest)
+    api.add_fault(kind="status", status=400, after=3, times=-1, path="/cursor/items")
+    with pytest.raises(ExceptionGroup):
+        sync(path, "items")
+    kept = {r["_parent_id"] for r in rows(dest, "items__tags")}
+    assert kept and len(kept) < len(api.items)  # stopped midway, with tags committed
+    api.clear_faults()
+    sync(path, "items")
+    assert_exactly_once(dest, "items", [i["id"] for i in api.items])
+    by_id = {r["id"]: r for r in rows(dest, "items")}
+    for item in api.items[::97]:
+        row = by_id[item["id"]]
+        assert (row["attrs__color"], row["attrs__size"]) == (
+            item["attrs"]["color"], item["attrs"]["size"]
+        )  # fmt: skip
+        assert "tags" not in row and "attrs" not in row
+    tags = sorted((r["_parent_id"], r["_index"], r["value"]) for r in rows(dest, "items__tags"))
+    expected = sorted((i["id"], n, t) for i in api.items for n, t in enumerate(i["tags"]))
+    assert tags == expected

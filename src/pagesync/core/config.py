@@ -212,6 +212,19 @@ class Checkpoint(Model):
     every_seconds: float | None = Field(None, gt=0)
 
 
+class Nested(Model):
+    """How nested values land in SQL: as JSON columns (the default), flattened, or split off."""
+
+    flatten: bool = Field(
+        False, description="Nested objects as parent__child columns instead of one JSON column."
+    )
+    child_tables: list[str] = Field(
+        default_factory=list,
+        description="Fields holding lists that go into a table <stream>__<field> of their own, "
+        "keyed by the record's primary key (_parent_<key>) and the item's position (_index).",
+    )
+
+
 class Schedule(Model):
     cron: str | None = None
     interval: float | None = Field(None, gt=0)
@@ -242,11 +255,19 @@ class Stream(Model):
     partitions: Partitions | None = None
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)
     schedule: Schedule | None = None
+    nested: Nested = Field(default_factory=Nested)
 
     @model_validator(mode="after")
     def _path_or_class(self) -> Stream:
         if not self.path and not self.class_:
             raise ValueError("give path (or class, for a Python stream)")
+        return self
+
+    @model_validator(mode="after")
+    def _children_are_not_keys(self) -> Stream:
+        keys = sorted(set(self.nested.child_tables) & set(self.primary_key))
+        if keys:
+            raise ValueError(f"nested.child_tables: {keys[0]!r} is part of the primary key")
         return self
 
 

@@ -3,23 +3,48 @@
 Top-level fields become typed columns (nested values are stored as JSON), and every row
 carries `_pagesync_*` metadata columns. Identifiers come from the API, so they are always
 quoted by the dialect's own preparer, never pasted into SQL.
+
+APIs change a field's type over time (an id that was a number becomes a string). A value
+a typed column cannot hold never fails the page: where the database would refuse it the
+column becomes text (earlier values kept as their text), and the change is logged once.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from sqlalchemy import Engine, event, inspect
 from sqlalchemy.engine import Connection
 
 from . import dialects
+from . import records as records_
 from .dbapi import run_on_driver
 from .errors import ExtractError
 
+if TYPE_CHECKING:
+    from .config import Nested
+
 META_COLUMNS = ("_pagesync_partition", "_pagesync_page", "_pagesync_synced_at")
 _FLOATS = frozenset({"REAL", "DOUBLE PRECISION", "DOUBLE"})
+
+log = logging.getLogger("pagesync.destination")
+
+_NUMBERS = frozenset({int, float})
+_TEXT = frozenset({str})
+#: What each column type pagesync creates holds as it is (by base type, `VARCHAR(255)` as
+#: `VARCHAR`); other values are type drift. Other types (a table the user made) are left
+#: to the database.
+HOLDS: dict[str, frozenset[type]] = {
+    "BIGINT": frozenset({int}), "INTEGER": frozenset({int}),
+    "DOUBLE PRECISION": _NUMBERS, "DOUBLE": _NUMBERS, "REAL": _NUMBERS, "FLOAT": _NUMBERS,
+    "BOOLEAN": frozenset({bool}), "TINYINT": frozenset({bool}),  # MariaDB's BOOLEAN
+    "TEXT": _TEXT, "LONGTEXT": _TEXT, "VARCHAR": _TEXT,
+    "JSON": frozenset({dict, list}), "JSONB": frozenset({dict, list}),
+}  # fmt: skip
+_NESTED = frozenset({dict, list})
 
 
 def column_types(records: list[dict[str, Any]], names: list[str], dialect: str) -> dict[str, str]:
@@ -65,6 +90,7 @@ class Destination:
         self.paramstyle = dialects.positional_mark(engine.dialect.paramstyle)
         self.text = dialects.text_type(self.dialect)
         self.tables: dict[str, Table] = {}
+        self.reported: set[tuple[str, str]] = set()  # columns whose type change was logged
         self._rejected_ready: set[str] = set()  # MySQL: `<stream>__rejected` exists
 
     def _load(self, conn: Connection, name: str, primary_key: list[str]) -> Table:
@@ -82,8 +108,6 @@ class Destination:
         """Create the table, or add columns for fields seen for the first time."""
         seen = set().union(*records) if records else set()
         missing = [f for f in sorted(seen) if f not in table.columns]
-        if self.dialect != "sqlite" and table.columns:
-            self._widen_numbers(conn, table, records)
         if table.columns and not missing:
             return
         q = self.quote
@@ -119,21 +143,6 @@ class Destination:
             table.columns = {**data, **{m: "TEXT" for m in META_COLUMNS}}
         self._prepare(table)
 
-    def _widen_numbers(self, conn: Connection, table: Table, records: list[dict[str, Any]]) -> None:
-        """PostgreSQL, DuckDB and MariaDB would round 10.5 into a BIGINT column: make it a
-        float column first. (SQLite keeps any value in any column.)"""
-        ints = [
-            c for c, t in table.columns.items() if dialects.base_type(t) in ("BIGINT", "INTEGER")
-        ]
-        for name in ints:
-            if any(type(r.get(name)) is float for r in records):
-                self._forget_on_rollback(conn, table.name)
-                new_type = dialects.float_type(self.dialect)
-                conn.exec_driver_sql(
-                    dialects.retype(self.dialect, table.name, name, new_type, self.quote)
-                )
-                table.columns[name] = new_type
-
     def _prepare(self, table: Table) -> None:
         cols = list(table.columns)
         table.sql = dialects.upsert(
@@ -161,25 +170,72 @@ class Destination:
         *,
         partition: str,
         page: int,
+        nested: Nested | None = None,
     ) -> int:
-        """Upsert one page of records inside the caller's transaction; returns the count."""
+        """Upsert one page of records inside the caller's transaction; returns the count.
+
+        With `nested.child_tables`, each listed field's items go to `<stream>__<field>`, and
+        a record's earlier items there are replaced in the same transaction."""
         if not records:
             return 0
-        table = self._load(conn, stream, primary_key)
+        meta = (partition, page, datetime.now(UTC).isoformat(timespec="seconds"))
+        (name, key, parents), *children = self._parts(stream, primary_key, records, nested)
+        count = self._upsert(conn, name, key, parents, meta)
+        if children:
+            owners = [[r.get(k) for k in primary_key] for r in records]
+            for child, child_key, rows in children:
+                self._forget_items(conn, child, child_key[:-1], owners)
+                if rows:
+                    self._upsert(conn, child, child_key, rows, meta)
+        return count
+
+    @staticmethod
+    def _parts(
+        stream: str, primary_key: list[str], records: list[dict[str, Any]], nested: Nested | None
+    ) -> list[tuple[str, list[str], list[dict[str, Any]]]]:
+        """The tables a page's records go to, each with its key and rows: the stream's own
+        table first, then one per `nested.child_tables` field (rows may be none)."""
+        if nested is None or not (nested.flatten or nested.child_tables):
+            return [(stream, primary_key, records)]
+        parents, children = records_.split(
+            records, primary_key, nested.child_tables, nested.flatten
+        )
+        keys = [records_.parent_column(k) for k in primary_key]
+        return [(stream, primary_key, parents)] + [
+            (f"{stream}{records_.SEP}{field}", [*keys, records_.INDEX], rows)
+            for field, rows in children.items()
+        ]
+
+    def _forget_items(
+        self, conn: Connection, child: str, keys: list[str], owners: list[Any]
+    ) -> None:
+        """Delete the child rows of this page's records: their lists are replaced whole."""
+        table = self._load(conn, child, [*keys, records_.INDEX])
+        if not table.columns:
+            return  # no table yet: nothing to replace
+        q, mark = self.quote, self.paramstyle
+        where = " AND ".join(f"{q(k)} = {mark}" for k in keys)
+        run_on_driver(conn, f"DELETE FROM {q(child)} WHERE {where}", owners, many=True)
+
+    def _upsert(
+        self, conn: Connection, name: str, key: list[str], records: list[Any], meta: tuple[Any, ...]
+    ) -> int:
+        """One table's part of a page: created or widened to fit, then one executemany."""
+        table = self._load(conn, name, key)
         self._widen(conn, table, records)
         if table.sql is None:
             self._prepare(table)
-        meta = (partition, page, datetime.now(UTC).isoformat(timespec="seconds"))
         rows = self._rows(table, records, meta)
+        self._fit(conn, table, rows)
         for idx in table.pk_idx:
             if any(row[idx] is None for row in rows):
-                key = list(table.columns)[idx]
-                raise ExtractError(f"a record has no primary key field {key!r}", transient=False)
+                field = list(table.columns)[idx]
+                raise ExtractError(f"a record has no primary key field {field!r}", transient=False)
         for idx, limit in table.key_chars.items():
             longest = max(len(str(row[idx])) for row in rows)
             if longest > limit:
                 raise ExtractError(
-                    f"stream {stream}: primary key field {list(table.columns)[idx]!r} has a value "
+                    f"stream {name}: primary key field {list(table.columns)[idx]!r} has a value "
                     f"of {longest} characters; this {self.dialect} table's key holds {limit} "
                     f"(VARCHAR({limit}), the most an InnoDB key allows)",
                     transient=False,
@@ -197,11 +253,10 @@ class Destination:
         """Records as rows in column order, nested values as JSON text.
 
         The hot path of a page: JSON columns are known from the table, so only their values
-        are converted; a nested value turning up in another column (type drift) sends the
-        page down the slow path that checks every value.
+        are converted here; values of other types in a column are `_fit`'s.
         """
         fields = list(table.columns)[: -len(META_COLUMNS)]
-        dumps, nested, json_idx = orjson.dumps, {dict, list}, table.json_idx
+        dumps, json_idx = orjson.dumps, table.json_idx
         rows = []
         append = rows.append
         for record in records:
@@ -211,12 +266,62 @@ class Destination:
                 if v is not None:
                     row[i] = dumps(v).decode()
             append(row)
-        for i in range(len(fields)):
-            if i not in json_idx and nested & set(map(type, [row[i] for row in rows])):
-                for row in rows:
-                    if type(row[i]) in nested:
-                        row[i] = dumps(row[i]).decode()
         return rows
+
+    def _fit(self, conn: Connection, table: Table, rows: list[list[Any]]) -> None:
+        """Make the page's values fit their columns: each column's value types checked
+        against what it holds (one set a column a page, in C), nested values outside JSON
+        columns as JSON text, and a column the database would refuse a value in retyped."""
+        names = list(table.columns)[: -len(META_COLUMNS)]
+        for i, name in enumerate(names):
+            if i in table.json_idx:
+                continue  # any JSON value was written as JSON text
+            found = set(map(type, [row[i] for row in rows]))
+            found.discard(type(None))
+            holds = HOLDS.get(dialects.base_type(table.columns[name]))
+            if holds is None or found <= holds:
+                if found & _NESTED:  # a column of the user's own type
+                    _dump_nested(rows, i)
+                continue
+            if found & _NESTED:
+                _dump_nested(rows, i)
+            self._retype(conn, table, name, found, holds)
+
+    def _retype(
+        self, conn: Connection, table: Table, name: str, found: set[type], holds: frozenset[type]
+    ) -> None:
+        """A column met values it does not hold. SQLite keeps any value in any column; the
+        others refuse them, so the column becomes a float column (fractions in a
+        whole-number column, not worth a warning) or a text one."""
+        column_type = table.columns[name].upper()
+        numbers_only = found <= _NUMBERS and holds <= _NUMBERS
+        if numbers_only and self.dialect == "sqlite":
+            return
+        new_type: str | None = None
+        if self.dialect != "sqlite":
+            new_type = dialects.float_type(self.dialect) if numbers_only else self.text
+            if name in table.primary_key:
+                new_type = dialects.key_type(new_type, self.dialect, len(table.primary_key))
+            if dialects.base_type(new_type) == dialects.base_type(column_type):
+                new_type = column_type
+            else:
+                self._forget_on_rollback(conn, table.name)
+                conn.exec_driver_sql(
+                    dialects.retype(self.dialect, table.name, name, new_type, self.quote)
+                )
+                table.columns[name] = new_type
+                self._prepare(table)
+        if numbers_only or (table.name, name) in self.reported:
+            return
+        self.reported.add((table.name, name))
+        kinds = ", ".join(sorted(t.__name__ for t in found - holds))
+        log.warning(
+            "%s.%s changed type: %s values in its %s column; %s",
+            table.name, name, kinds, column_type,
+            "kept as they came (SQLite holds any value in any column)" if new_type is None
+            else "stored as their text" if new_type == column_type
+            else f"the column is {new_type} now, earlier values kept as their text",
+        )  # fmt: skip
 
     def write_rejected(
         self,
@@ -252,6 +357,7 @@ class Destination:
         stream: str,
         primary_key: list[str],
         pages: list[tuple[list[dict[str, Any]], bool]],
+        nested: Nested | None = None,
     ) -> None:
         """Schema changes for the pages of one checkpoint (their records, and whether any
         were rejected), made before the first row where DDL commits the open transaction
@@ -259,9 +365,11 @@ class Destination:
         if self.dialect not in dialects.DDL_COMMITS:
             return
         records = [r for page, _ in pages for r in page]
-        if records:
-            table = self._load(conn, stream, primary_key)
-            self._widen(conn, table, records)
+        for name, key, rows in self._parts(stream, primary_key, records, nested) if records else []:
+            if rows:
+                table = self._load(conn, name, key)
+                self._widen(conn, table, rows)
+                self._fit(conn, table, self._rows(table, rows, (None,) * len(META_COLUMNS)))
         if any(rejected for _, rejected in pages) and stream not in self._rejected_ready:
             self._rejected_table(conn, stream)
             self._rejected_ready.add(stream)  # DDL there is committed, whatever follows
@@ -284,3 +392,11 @@ class Destination:
             if not inspect(conn).has_table(stream):
                 return 0
             return conn.exec_driver_sql(f"SELECT COUNT(*) FROM {self.quote(stream)}").scalar() or 0
+
+
+def _dump_nested(rows: list[list[Any]], i: int) -> None:
+    """Column `i`'s objects and lists as JSON text, in place."""
+    dumps = orjson.dumps
+    for row in rows:
+        if type(row[i]) in _NESTED:
+            row[i] = dumps(row[i]).decode()

@@ -449,8 +449,9 @@ class PartitionRun:
         if rejected:
             run.destination.write_rejected(conn, run.name, rejected, partition=self.key, page=page)
         return run.destination.write(
-            conn, run.name, self.stream.primary_key, records, partition=self.key, page=page
-        )
+            conn, run.name, self.stream.primary_key, records, partition=self.key, page=page,
+            nested=self.stream.nested,
+        )  # fmt: skip
 
     def _commit(self, done: bool) -> None:
         """The checkpoint: records (same database) and state in one transaction."""
@@ -466,6 +467,7 @@ class PartitionRun:
                 run.destination.prepare(
                     conn, run.name, self.stream.primary_key,
                     [(records, bool(rejected)) for records, rejected, _ in self._pending],
+                    self.stream.nested,
                 )  # fmt: skip
                 for records, rejected, page in self._pending:
                     self._upsert(conn, records, rejected, page)
