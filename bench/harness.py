@@ -291,6 +291,11 @@ class Postgres:
             with self.connect() as conn:
                 conn.execute(f'DROP SCHEMA "{name}" CASCADE')
 
+    label = "PostgreSQL"
+
+    def raw_args(self, schema: str) -> list[str]:
+        return ["--postgres", self.conninfo, "--schema", schema]
+
     def sqlalchemy_url(self, schema: str) -> str:
         """The URL with search_path set to `schema` (passed to libpq as `options`)."""
         sep = "&" if "?" in self.url else "?"
@@ -306,3 +311,89 @@ class Postgres:
         with self.connect() as conn:
             row = conn.execute(f'SELECT count(*) FROM "{schema}"."{table}"').fetchone()
             return int(row[0]) if row else 0
+
+
+class DuckDB:
+    """DuckDB files in a folder; each run gets a file of its own."""
+
+    label = "DuckDB"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @contextmanager
+    def schema(self) -> Iterator[str]:
+        path = self.folder / f"bench_{uuid.uuid4().hex[:12]}.duckdb"
+        try:
+            yield str(path)
+        finally:
+            for p in (path, path.with_name(path.name + ".wal")):
+                p.unlink(missing_ok=True)
+
+    def raw_args(self, path: str) -> list[str]:
+        return ["--duckdb", path]
+
+    def sqlalchemy_url(self, path: str) -> str:
+        return f"duckdb:///{path}"
+
+    def _query(self, path: str, sql: str) -> list[Any]:
+        import duckdb
+
+        with duckdb.connect(path, read_only=True) as conn:
+            return conn.execute(sql).fetchall()
+
+    def commit_times(self, path: str) -> list[datetime]:
+        rows = self._query(path, "SELECT committed_at FROM pagesync_pages ORDER BY committed_at")
+        return [_parse_utc(r[0]) for r in rows if r[0] is not None]
+
+    def count(self, path: str, table: str = "items") -> int:
+        return int(self._query(path, f'SELECT count(*) FROM "{table}"')[0][0])
+
+
+class MariaDB:
+    """A MySQL/MariaDB server given as a SQLAlchemy URL (`mysql+pymysql://root@host:3306/db`);
+    each run gets a database of its own."""
+
+    label = "MariaDB"
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy.engine import make_url
+
+        self.url = make_url(url)
+
+    def connect(self, database: str | None = None) -> Any:
+        import pymysql
+
+        u = self.url
+        return pymysql.connect(host=u.host or "127.0.0.1", port=u.port or 3306,
+                               user=u.username or "root", password=u.password or "",
+                               database=database, autocommit=True)  # fmt: skip
+
+    @contextmanager
+    def schema(self) -> Iterator[str]:
+        name = f"pagesync_bench_{uuid.uuid4().hex[:12]}"
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        try:
+            yield name
+        finally:
+            with self.connect() as conn, conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE `{name}`")
+
+    def sqlalchemy_url(self, name: str) -> str:
+        return self.url.set(database=name).render_as_string(False)
+
+    def raw_args(self, name: str) -> list[str]:
+        return ["--mysql", self.sqlalchemy_url(name)]
+
+    def _query(self, name: str, sql: str) -> list[Any]:
+        with self.connect(name) as conn, conn.cursor() as cur:
+            cur.execute(sql)
+            return list(cur.fetchall())
+
+    def commit_times(self, name: str) -> list[datetime]:
+        rows = self._query(name, "SELECT committed_at FROM pagesync_pages ORDER BY committed_at")
+        return [_parse_utc(r[0]) for r in rows if r[0] is not None]
+
+    def count(self, name: str, table: str = "items") -> int:
+        return int(self._query(name, f"SELECT count(*) FROM `{table}`")[0][0])

@@ -4,6 +4,7 @@
     python bench/run.py --page-size 100     # the same at 100 records per page
     python bench/run.py --only memory       # 1,000,000 records: takes several minutes
     python bench/run.py --postgres postgresql+psycopg://postgres@127.0.0.1:5432/test
+    python bench/run.py --only duckdb,mariadb --mysql mysql+pymysql://root@127.0.0.1:3306/test
 
 Scenarios (`--only NAME[,NAME...]`):
   full        A: full sync, raw loop vs `pagesync run`, alternated, --rounds times each
@@ -14,6 +15,8 @@ Scenarios (`--only NAME[,NAME...]`):
   memory      E: peak RSS syncing --memory-records records (only when asked for)
   postgres    F: A with PostgreSQL as state and destination, vs a psycopg loop (needs
               --postgres)
+  duckdb      G: A with one DuckDB file as state and destination, vs a duckdb loop
+  mariadb     H: A with MariaDB as state and destination, vs a PyMySQL loop (needs --mysql)
 
 Results: tables on stdout, everything measured in bench/results/<time>.json. The method
 (what is measured and how) is in measure.py; the figures are in docs/performance.md.
@@ -46,6 +49,8 @@ from harness import (
     BENCH,
     PREFECT_HOME,
     DemoAPIProcess,
+    DuckDB,
+    MariaDB,
     Postgres,
     PrefectServer,
     commit_times,
@@ -64,7 +69,8 @@ from harness import (
 )
 from measure import Measurement, measure
 
-SCENARIOS = ("full", "overhead", "partitions", "startup", "memory", "postgres")
+SCENARIOS = ("full", "overhead", "partitions", "startup", "memory", "postgres", "duckdb", "mariadb")
+Target = Postgres | DuckDB | MariaDB
 DEFAULT_SCENARIOS = ("full", "overhead", "partitions", "startup")
 RESULTS = BENCH / "results"
 Figures = dict[str, float | None]
@@ -241,7 +247,7 @@ class Bench:
         records: int,
         *,
         concurrency: int = 4,
-        postgres: tuple[Postgres, str] | None = None,
+        target: tuple[Target, str] | None = None,
     ) -> Measurement:
         """`pagesync run` of the first of `streams` on fresh databases (a new SQLite file,
         or a new PostgreSQL schema), checked to hold `records` rows, with its commit times
@@ -249,8 +255,8 @@ class Bench:
         stream = next(iter(streams))
         db = self.work / f"{label}.db"
         remove_sqlite(db)
-        if postgres:
-            pg, schema = postgres
+        if target:
+            pg, schema = target
             state = pg.sqlalchemy_url(schema)
             count, commits = partial(pg.count, schema, stream), partial(pg.commit_times, schema)
         else:
@@ -277,16 +283,16 @@ class Bench:
         page_size: int,
         records: int | None,
         *,
-        postgres: tuple[Postgres, str] | None = None,
+        target: tuple[Target, str] | None = None,
         max_pages: int | None = None,
     ) -> Measurement:
         """The raw loop into a new SQLite file or PostgreSQL schema; checked unless
         `records` is None."""
         db = self.work / f"{label}.db"
         remove_sqlite(db)
-        if postgres:
-            pg, schema = postgres
-            where = ["--postgres", pg.conninfo, "--schema", schema]
+        if target:
+            pg, schema = target
+            where = pg.raw_args(schema)
             count = partial(pg.count, schema)
         else:
             where, count = ["--sqlite", str(db)], partial(sqlite_count, db)
@@ -411,10 +417,11 @@ def compare_rows(raw: Figures | None, ps: Figures | None, records: int) -> list[
     return rows
 
 
-def scenario_full(b: Bench, *, pg: Postgres | None = None) -> None:
-    """A (SQLite) or F (PostgreSQL): a full sync, raw loop and pagesync alternated."""
+def scenario_full(b: Bench, *, pg: Target | None = None) -> None:
+    """A (SQLite), F (PostgreSQL), G (DuckDB) or H (MariaDB): a full sync, raw loop and
+    pagesync alternated, each on fresh databases."""
     a = b.args
-    name = "postgres" if pg else "full"
+    name = pg.label.lower().replace("postgresql", "postgres") if pg else "full"
     n, size = a.records, a.page_size
     pages = math.ceil(n / size)
     runs: dict[str, list[Measurement]] = {"raw": [], "pagesync": []}
@@ -425,18 +432,17 @@ def scenario_full(b: Bench, *, pg: Postgres | None = None) -> None:
             stream = {"items": items_stream(size)}
             if pg:
                 with pg.schema() as schema:
-                    runs["raw"].append(
-                        b.raw(f"{name}-raw-{r}", api, size, n, postgres=(pg, schema))
-                    )
+                    runs["raw"].append(b.raw(f"{name}-raw-{r}", api, size, n, target=(pg, schema)))
                 with pg.schema() as schema:
-                    m = b.pagesync(f"{name}-pagesync-{r}", api, stream, n, postgres=(pg, schema))
+                    m = b.pagesync(f"{name}-pagesync-{r}", api, stream, n, target=(pg, schema))
             else:
                 runs["raw"].append(b.raw(f"{name}-raw-{r}", api, size, n))
                 m = b.pagesync(f"{name}-pagesync-{r}", api, stream, n)
             runs["pagesync"].append(m)
     raw, ps = medians(runs["raw"]), medians(runs["pagesync"])
-    where = "PostgreSQL (state + destination)" if pg else "SQLite (state + destination, one file)"
-    title = (f"{'F' if pg else 'A'}. Full sync into {where}: {n:,} records, {size:,}/page, "
+    where = f"{pg.label} (state + destination)" if pg else "SQLite (state + destination, one file)"
+    letter = {"PostgreSQL": "F", "DuckDB": "G", "MariaDB": "H"}[pg.label] if pg else "A"
+    title = (f"{letter}. Full sync into {where}: {n:,} records, {size:,}/page, "
              f"checkpoint every page, medians of {a.rounds} rounds")  # fmt: skip
     text = table(title, ["", "raw loop", "pagesync", "pagesync/raw"], compare_rows(raw, ps, n))
     text += "\n" + walls(runs)
@@ -684,6 +690,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--startup-page-size", type=int, default=100, help="D: records in the page (default 100)")
     add("--memory-records", type=int, default=1_000_000, help="E: records (default 1,000,000)")
     add("--postgres", metavar="URL", help="F: SQLAlchemy URL of a PostgreSQL database")
+    add(
+        "--mysql",
+        metavar="URL",
+        help="H: SQLAlchemy URL of a MySQL/MariaDB server (mysql+pymysql://...)",
+    )
     add("--only", metavar="NAME[,NAME]", action="append",
         help=f"scenarios to run, of: {', '.join(SCENARIOS)} (default: {', '.join(DEFAULT_SCENARIOS)}; "
              "and postgres with --postgres)")  # fmt: skip
@@ -705,6 +716,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     if "postgres" in chosen and not args.postgres:
         p.error("the postgres scenario needs --postgres URL")
+    if "mariadb" in chosen and not args.mysql:
+        p.error("the mariadb scenario needs --mysql URL")
     if args.rounds < 1 or args.partitions < 1 or args.overhead_pages < 2:
         p.error("--rounds and --partitions must be >= 1, --overhead-pages >= 2")
     args.scenarios = [s for s in SCENARIOS if s in chosen]
@@ -737,6 +750,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "startup": partial(scenario_startup, b),
         "memory": partial(scenario_memory, b),
         "postgres": lambda: scenario_full(b, pg=Postgres(args.postgres)),
+        "duckdb": lambda: scenario_full(b, pg=DuckDB(work)),
+        "mariadb": lambda: scenario_full(b, pg=MariaDB(args.mysql)),
     }
     t0 = time.monotonic()
     try:

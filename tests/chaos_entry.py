@@ -82,11 +82,14 @@ def serve() -> None:
     """Fork a child per request line; answer {"pid": N}, then {"pid": N, "returncode": R}."""
     # What a run imports, imported once here (the CLI sets the console level before Prefect).
     os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "CRITICAL"
+    import duckdb_engine  # noqa: F401
     import prefect.artifacts  # noqa: F401
     import prefect.blocks.system  # noqa: F401
     import prefect.flow_engine  # noqa: F401
     import prefect.task_engine  # noqa: F401
     import psycopg  # noqa: F401
+    import pymysql  # noqa: F401
+    import sqlalchemy.dialects.mysql.pymysql  # noqa: F401
     import sqlalchemy.dialects.postgresql.psycopg  # noqa: F401
     import sqlalchemy.dialects.sqlite.pysqlite  # noqa: F401
 

@@ -20,6 +20,7 @@ from pagesync.demo.api import DemoAPI
 from pagesync.prefect.local_server import free_port, wait_until_healthy
 
 PG_ADMIN_URL = os.environ.get("PAGESYNC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+MYSQL_ADMIN = os.environ.get("PAGESYNC_TEST_MYSQL", "root@127.0.0.1:3306")
 _SERVER: dict[str, Any] = {}
 
 
@@ -114,6 +115,56 @@ def pg_url() -> Iterator[str]:
         _ENGINES.pop(key).dispose()
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _mysql_admin(statement: str) -> None:
+    """Run one statement as MariaDB's admin user (database creation and removal)."""
+    import pymysql
+
+    user, _, hostport = MYSQL_ADMIN.rpartition("@")
+    host, _, port = hostport.partition(":")
+    conn = pymysql.connect(host=host, port=int(port or 3306), user=user, autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement)
+    finally:
+        conn.close()
+
+
+def mysql_database(prefix: str = "pagesync") -> tuple[str, str]:
+    """A new, empty MariaDB database: its name and its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    _mysql_admin(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    return name, f"mysql+pymysql://{MYSQL_ADMIN}/{name}"
+
+
+def drop_mysql_database(name: str) -> None:
+    from pagesync.core.store import _ENGINES
+
+    for key in [k for k in _ENGINES if k.endswith(f"/{name}")]:
+        _ENGINES.pop(key).dispose()
+    _mysql_admin(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+@pytest.fixture
+def mysql_url() -> Iterator[str]:
+    """A fresh MariaDB database for one test, dropped after it."""
+    name, url = mysql_database()
+    yield url
+    drop_mysql_database(name)
+
+
+#: The databases pagesync writes to, as test parameters: each is a real engine.
+ENGINES = ["sqlite", "postgres", "duckdb", "mariadb"]
+
+
+def database_url(kind: str, request: pytest.FixtureRequest, folder: Path, name: str = "p") -> str:
+    """A fresh database of `kind` for one test: a file in `folder`, or a server's database."""
+    if kind == "sqlite":
+        return f"sqlite:///{folder / f'{name}.db'}"
+    if kind == "duckdb":
+        return f"duckdb:///{folder / f'{name}.duckdb'}"
+    return request.getfixturevalue({"postgres": "pg_url", "mariadb": "mysql_url"}[kind])
 
 
 def write_config(

@@ -7,14 +7,31 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
+
+
+def quoted(engine: Engine, sql: str) -> str:
+    """`sql` with each {name} an identifier quoted for the engine (MariaDB: backticks;
+    `partition` is a reserved word there)."""
+    q = engine.dialect.identifier_preparer.quote_identifier
+    return sql.format_map(_Quote(q))
+
+
+class _Quote(dict):
+    def __init__(self, q: Callable[[str], str]) -> None:
+        super().__init__()
+        self.q = q
+
+    def __missing__(self, key: str) -> str:
+        return self.q(key)
 
 
 def rows(db_url: str, table: str) -> list[dict[str, Any]]:
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
-            return [dict(r) for r in conn.execute(text(f'SELECT * FROM "{table}"')).mappings()]
+            sql = f"SELECT * FROM {engine.dialect.identifier_preparer.quote_identifier(table)}"
+            return [dict(r) for r in conn.execute(text(sql)).mappings()]
     finally:
         engine.dispose()
 
@@ -33,7 +50,12 @@ def partition_rows(db_url: str, stream: str) -> list[dict[str, Any]]:
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
-            q = text("SELECT * FROM pagesync_partitions WHERE stream = :s ORDER BY partition")
+            q = text(
+                quoted(
+                    engine,
+                    "SELECT * FROM pagesync_partitions WHERE stream = :s ORDER BY {partition}",
+                )
+            )
             return [dict(r) for r in conn.execute(q, {"s": stream}).mappings()]
     finally:
         engine.dispose()
@@ -57,13 +79,13 @@ def assert_counters_match_log(db_url: str, stream: str) -> None:
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
-            q = text(
-                "SELECT p.partition, p.pages, p.records, COUNT(l.id) AS logged, "
+            q = text(quoted(engine,
+                "SELECT p.{partition}, p.pages, p.records, COUNT(l.id) AS logged, "
                 "COALESCE(SUM(l.records), 0) AS logged_records FROM pagesync_partitions p "
                 "LEFT JOIN pagesync_pages l ON l.stream = p.stream AND l.scope = p.scope "
-                "AND l.partition = p.partition WHERE p.stream = :s "
-                "GROUP BY p.partition, p.pages, p.records"
-            )
+                "AND l.{partition} = p.{partition} WHERE p.stream = :s "
+                "GROUP BY p.{partition}, p.pages, p.records"
+            ))  # fmt: skip
             for r in conn.execute(q, {"s": stream}).mappings():
                 assert r["pages"] == r["logged"], dict(r)
                 assert r["records"] == r["logged_records"], dict(r)

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_cli, write_config
-from helpers import assert_counters_match_log, assert_exactly_once, wait_for
+from conftest import database_url, run_cli, write_config
+from helpers import assert_counters_match_log, assert_exactly_once, quoted, wait_for
 from sqlalchemy import create_engine, inspect, text
 
 from pagesync.demo.api import DemoAPI
@@ -94,14 +94,18 @@ def snapshot(url: str) -> Snapshot:
                 q = text("SELECT * FROM pagesync_partitions WHERE stream = :s")
                 for r in conn.execute(q, {"s": STREAM}).mappings():
                     parts[r["partition"]] = {**r, "state": json.loads(r["state"])}
-                q = text("SELECT id, partition, page, records, cursor_after FROM pagesync_pages")
+                q = text(
+                    quoted(engine, "SELECT id, {partition}, page, records, cursor_after "
+                           "FROM pagesync_pages")
+                )  # fmt: skip
                 log = {r[0]: tuple(r[1:]) for r in conn.execute(q)}
             rows: dict[str, int] = {}
             ids: list[int] = []
             if STREAM in tables:
-                q = text(f'SELECT "_pagesync_partition", COUNT(*) FROM "{STREAM}" GROUP BY 1')
-                rows = dict(conn.execute(q).all())  # type: ignore[arg-type]
-                ids = list(conn.execute(text(f'SELECT id FROM "{STREAM}"')).scalars())
+                sql = f"SELECT {{_pagesync_partition}}, COUNT(*) FROM {{{STREAM}}} GROUP BY 1"
+                rows = dict(conn.execute(text(quoted(engine, sql))).all())  # type: ignore[arg-type]
+                sql = quoted(engine, f"SELECT id FROM {{{STREAM}}}")
+                ids = list(conn.execute(text(sql)).scalars())
     finally:
         engine.dispose()
     return Snapshot(schema, parts, log, rows, ids)
@@ -291,7 +295,9 @@ def run_chaos(tmp_path: Path, api: DemoAPI, runs: Runs, state: str, kills: int, 
     return line
 
 
-@pytest.mark.parametrize(("store", "kills"), [("sqlite", 34), ("postgres", 16)])
+@pytest.mark.parametrize(
+    ("store", "kills"), [("sqlite", 34), ("postgres", 16), ("duckdb", 16), ("mariadb", 16)]
+)
 def test_chaos_sigkill_at_random_points_then_resume(
     tmp_path: Path,
     api: DemoAPI,
@@ -301,10 +307,8 @@ def test_chaos_sigkill_at_random_points_then_resume(
     request: pytest.FixtureRequest,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    if store == "postgres":
-        state, label = request.getfixturevalue("pg_url"), "PostgreSQL"
-    else:
-        state, label = f"sqlite:///{tmp_path / 'chaos.db'}", "SQLite"
+    state = database_url(store, request, tmp_path, "chaos")
+    label = {"sqlite": "SQLite", "postgres": "PostgreSQL", "duckdb": "DuckDB"}.get(store, "MariaDB")
     line = run_chaos(tmp_path, api, runs, state, kills=kills, label=label)
     with capsys.disabled():
         print(f"\n{line}")

@@ -13,8 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import STREAMS, run_cli, write_config
-from helpers import assert_counters_match_log, assert_exactly_once, committed_pages, wait_for
+from conftest import STREAMS, database_url, run_cli, write_config
+from helpers import (
+    assert_counters_match_log,
+    assert_exactly_once,
+    committed_pages,
+    rows,
+    wait_for,
+)
 
 from pagesync.demo.api import DemoAPI
 
@@ -38,15 +44,11 @@ def stream_spec(every_pages: int) -> dict:
 
 
 @pytest.mark.parametrize("every_pages", [1, 3])
-@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+@pytest.mark.parametrize("store", ["sqlite", "postgres", "duckdb", "mariadb"])
 def test_sigkill_mid_request_then_resume(
     tmp_path: Path, api: DemoAPI, store: str, every_pages: int, request: pytest.FixtureRequest
 ) -> None:
-    state = (
-        request.getfixturevalue("pg_url")
-        if store == "postgres"
-        else f"sqlite:///{tmp_path / 'p.db'}"
-    )
+    state = database_url(store, request, tmp_path)
     path = write_config(tmp_path, api.url, {"items": stream_spec(every_pages)}, state=state)
     total_pages = -(-len(api.items) // PAGE)
     # The 9th request hangs: the process is killed while waiting on the network.
@@ -71,19 +73,47 @@ def test_sigkill_mid_request_then_resume(
     assert "updated_at__gte" in api.requests[0]["query"], "resume must filter from the cursor"
 
 
-@pytest.mark.parametrize("point", ["after_fetch", "after_write", "in_commit", "after_commit"])
-def test_sigkill_at_page_cycle_points_then_resume(tmp_path: Path, api: DemoAPI, point: str) -> None:
-    state = f"sqlite:///{tmp_path / 'p.db'}"
-    path = write_config(tmp_path, api.url, {"items": stream_spec(1)}, state=state)
+#: The guarantees table of the README on each engine: every point of the page cycle on
+#: SQLite; on the others, the two that decide it: SIGKILL between the records' write and
+#: the checkpoint, and inside the checkpoint's transaction, with the destination the same
+#: database as the state (exactly-once) or another one (at-least-once with upsert).
+CYCLE_KILLS = [
+    *[("sqlite", "same", p) for p in ("after_fetch", "after_write", "in_commit", "after_commit")],
+    ("sqlite", "separate", "after_write"),
+    *[(e, m, p) for e in ("duckdb", "mariadb") for m in ("same", "separate")
+      for p in ("after_write", "in_commit")],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("engine", "mode", "point"), CYCLE_KILLS)
+def test_sigkill_at_page_cycle_points_then_resume(
+    tmp_path: Path, api: DemoAPI, engine: str, mode: str, point: str,
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
+    db = database_url(engine, request, tmp_path)
+    # Separate: the state in SQLite, the records in the engine under test (and vice versa
+    # for SQLite itself), so the records are written before the checkpoint, not with it.
+    state = f"sqlite:///{tmp_path / 'state.db'}" if mode == "separate" else db
+    if engine == "sqlite" and mode == "separate":
+        db = f"sqlite:///{tmp_path / 'dest.db'}"
+    path = write_config(
+        tmp_path, api.url, {"items": stream_spec(1)}, state=state,
+        destination=db if mode == "separate" else None,
+    )  # fmt: skip
     result = run_cli("run", "items", "-c", str(path), PAGESYNC_CRASH_AT=f"{point}:5")
     assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
     committed = committed_pages(state, "items")
     # in_commit dies inside the 5th commit's transaction: it must not count.
     expected = {"after_fetch": 4, "after_write": 4, "in_commit": 4, "after_commit": 5}[point]
     assert committed == expected
+    written = {r["_pagesync_page"] for r in rows(db, "items")}
+    if mode == "same":  # records commit with their checkpoint: none past it
+        assert written == set(range(1, expected + 1))
+    else:  # upserted before the checkpoint: the 5th page is there, its checkpoint is not
+        assert written == set(range(1, 6))
     result = run_cli("run", "items", "-c", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert_exactly_once(state, "items", [i["id"] for i in api.items])
+    assert_exactly_once(db, "items", [i["id"] for i in api.items])
     assert_counters_match_log(state, "items")
 
 

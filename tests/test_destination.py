@@ -1,4 +1,4 @@
-"""Destination tables on SQLite and a real PostgreSQL: typed columns, upserts by primary key,
+"""Destination tables on SQLite, DuckDB, a real PostgreSQL and a real MariaDB: typed columns, upserts by primary key,
 columns added as fields appear, nested values as JSON, and hostile field names kept as data."""
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from typing import Any
 
 import orjson
 import pytest
+from conftest import database_url
 from sqlalchemy import Engine, inspect
 
 from pagesync.core.config import Nested
 from pagesync.core.destination import META_COLUMNS, Destination
+from pagesync.core.dialects import DDL_COMMITS, table_columns
 from pagesync.core.errors import ExtractError
 from pagesync.core.store import _ENGINES, engine_for
 
@@ -21,14 +23,14 @@ HOSTILE = 'x"; DROP TABLE items; --'
 SPACES = 'it\'s a "quoted" name'
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "duckdb", "mariadb"])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'dest.db'}"
+    if request.param in ("sqlite", "duckdb"):
+        url = database_url(request.param, request, tmp_path, "dest")
         yield engine_for(url)
         _ENGINES.pop(url).dispose()
     else:
-        yield engine_for(request.getfixturevalue("pg_url"))
+        yield engine_for(database_url(request.param.replace("ql", ""), request, tmp_path))
 
 
 def write(
@@ -55,7 +57,22 @@ def rows(engine: Engine, table: str = "items", order: str = "id") -> list[dict[s
 
 
 def columns(engine: Engine, table: str = "items") -> dict[str, str]:
-    return {c["name"]: str(c["type"]).upper() for c in inspect(engine).get_columns(table)}
+    with engine.connect() as conn:  # not SQLAlchemy's inspector: duckdb-engine's fails
+        return {c: t.upper() for c, t in (table_columns(conn, table) or {}).items()}
+
+
+FLOATS = ("REAL", "DOUBLE PRECISION", "DOUBLE")
+
+
+def primary_key(engine: Engine, table: str = "items") -> list[str]:
+    if engine.dialect.name == "duckdb":  # duckdb-engine's inspector cannot say
+        with engine.connect() as conn:
+            sql = (
+                "SELECT constraint_column_names FROM duckdb_constraints() "
+                "WHERE table_name = ? AND constraint_type = 'PRIMARY KEY'"
+            )
+            return list(conn.exec_driver_sql(sql, (table,)).scalar_one())
+    return inspect(engine).get_pk_constraint(table)["constrained_columns"]
 
 
 def as_json(value: Any) -> Any:
@@ -81,23 +98,27 @@ def test_first_page_creates_typed_table_with_metadata(engine: Engine) -> None:
     assert write(dest, [record], partition="2024-01-03", page=4) == 1
 
     cols = columns(engine)
-    pg = engine.dialect.name == "postgresql"
+    # As each engine names them: DuckDB's TEXT is VARCHAR; MariaDB's BOOLEAN is TINYINT(1),
+    # its text LONGTEXT (TEXT holds 64 KB), its JSON LONGTEXT with a json_valid check.
+    kind = engine.dialect.name
+    text = {"duckdb": "VARCHAR", "mysql": "LONGTEXT"}.get(kind, "TEXT")
+    meta_text = "VARCHAR" if kind == "duckdb" else "TEXT"
     expected = {
-        "id": "BIGINT" if pg else "INTEGER",
-        "name": "TEXT",
-        "price": "DOUBLE PRECISION" if pg else "REAL",
-        "active": "BOOLEAN",
-        "attrs": "JSONB" if pg else "JSON",
-        "tags": "JSONB" if pg else "JSON",
-        "empty": "TEXT",
-        "_pagesync_partition": "TEXT",
+        "id": "INTEGER" if kind == "sqlite" else "BIGINT",
+        "name": text,
+        "price": {"sqlite": "REAL", "postgresql": "DOUBLE PRECISION"}.get(kind, "DOUBLE"),
+        "active": "TINYINT" if kind == "mysql" else "BOOLEAN",
+        "attrs": "JSONB" if kind == "postgresql" else "JSON",
+        "tags": "JSONB" if kind == "postgresql" else "JSON",
+        "empty": text,
+        "_pagesync_partition": meta_text,
         "_pagesync_page": "INTEGER",
-        "_pagesync_synced_at": "TEXT",
+        "_pagesync_synced_at": meta_text,
     }
     assert cols == expected
     assert list(cols)[0] == "id"  # the primary key first
     assert list(cols)[-3:] == list(META_COLUMNS)
-    assert inspect(engine).get_pk_constraint("items")["constrained_columns"] == ["id"]
+    assert primary_key(engine) == ["id"]
 
     (row,) = rows(engine)
     assert row["id"] == 7
@@ -114,8 +135,8 @@ def test_a_float_anywhere_on_the_page_makes_a_float_column(engine: Engine) -> No
     dest = Destination(engine)
     write(dest, [{"id": 1, "price": 10, "flag": None}, {"id": 2, "price": 10.5, "flag": False}])
     cols = columns(engine)
-    assert cols["price"] in ("REAL", "DOUBLE PRECISION")
-    assert cols["flag"] == "BOOLEAN"
+    assert cols["price"] in FLOATS
+    assert cols["flag"] == ("TINYINT" if engine.dialect.name == "mysql" else "BOOLEAN")
     assert [r["price"] for r in rows(engine)] == [10, 10.5]
 
 
@@ -154,7 +175,7 @@ def test_upsert_with_composite_primary_key(engine: Engine) -> None:
         pk=pk,
         page=2,
     )
-    assert inspect(engine).get_pk_constraint("items")["constrained_columns"] == pk
+    assert primary_key(engine) == pk
     got = sorted((r["category"], r["id"], r["n"]) for r in rows(engine))
     assert got == [("books", 1, 1), ("games", 1, 20), ("games", 2, 3)]
 
@@ -175,7 +196,7 @@ def test_new_field_on_later_page_adds_a_column(engine: Engine) -> None:
     write(dest, [{"id": 2, "name": "two", "score": 3.5, "meta": {"k": [1]}}], page=2)
     cols = columns(engine)
     assert {"score", "meta"} <= set(cols)
-    assert cols["score"] in ("REAL", "DOUBLE PRECISION")
+    assert cols["score"] in FLOATS
     got = rows(engine)
     assert got[0]["score"] is None
     assert got[1]["score"] == 3.5
@@ -235,6 +256,8 @@ def test_a_field_that_changes_type_keeps_every_value_and_is_reported_once(
     assert "items.v" in warnings[0] and type(later).__name__ in warnings[0], warnings[0]
     write(Destination(engine), [{"id": 4, "v": later}], page=4)  # a new run's destination
     first_value, later_value = on_sqlite if engine.dialect.name == "sqlite" else on_postgresql
+    if engine.dialect.name == "mysql":  # MariaDB's BOOLEAN is TINYINT(1): true's text is 1
+        first_value, later_value = (v.replace("true", "1") for v in (first_value, later_value))
     assert [r["v"] for r in rows(engine)] == [first_value, *[later_value] * 3]
 
 
@@ -245,7 +268,8 @@ def test_rolled_back_first_page_leaves_the_destination_usable(engine: Engine) ->
     with pytest.raises(RuntimeError), dest.engine.begin() as conn:
         dest.write(conn, "items", ["id"], [{"id": 1, "name": "one"}], partition="p", page=1)
         raise RuntimeError("checkpoint refused")
-    assert not inspect(engine).has_table("items")  # the DDL rolled back with the page
+    # The DDL rolled back with the page; MariaDB commits DDL as it runs: the table stays.
+    assert inspect(engine).has_table("items") is (engine.dialect.name in DDL_COMMITS)
     write(dest, [{"id": 1, "name": "one"}])
     assert [(r["id"], r["name"]) for r in rows(engine)] == [(1, "one")]
 
@@ -257,7 +281,7 @@ def test_rolled_back_widening_leaves_the_destination_usable(engine: Engine) -> N
     with pytest.raises(RuntimeError), dest.engine.begin() as conn:
         dest.write(conn, "items", ["id"], [{"id": 2, "extra": 1}], partition="p", page=2)
         raise RuntimeError("checkpoint refused")
-    assert "extra" not in columns(engine)
+    assert ("extra" in columns(engine)) is (engine.dialect.name in DDL_COMMITS)
     write(dest, [{"id": 2, "extra": 1}], page=2)
     assert [(r["id"], r["extra"]) for r in rows(engine)] == [(1, None), (2, 1)]
 
@@ -454,3 +478,11 @@ def test_column_values_and_count(engine: Engine) -> None:
     assert dest.column_values("items", "customer_id") == [0, 1, 2]
     assert dest.count("absent") == 0
     assert dest.column_values("absent", "id") == []
+
+
+def test_a_key_twice_in_one_page_keeps_the_last(engine: Engine) -> None:
+    """As row by row: DuckDB writes a page in one statement, where a key may not repeat."""
+    dest = Destination(engine)
+    page = [{"id": 1, "name": "first"}, {"id": 2, "name": "two"}, {"id": 1, "name": "last"}]
+    assert write(dest, page) == 3
+    assert [(r["id"], r["name"]) for r in rows(engine)] == [(1, "last"), (2, "two")]

@@ -1,4 +1,4 @@
-"""The checkpoint store on SQLite and a real PostgreSQL: migrations, partition rows, leases
+"""The checkpoint store on SQLite, DuckDB, a real PostgreSQL and a real MariaDB: migrations, partition rows, leases
 with compare-and-swap commits, merge-patched state, the page log and the high-water mark."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
-from conftest import PG_ADMIN_URL
+from conftest import PG_ADMIN_URL, drop_mysql_database, mysql_database
+from helpers import quoted
 from sqlalchemy import inspect, text
 
 from pagesync.core.errors import LeaseLost, StateError
@@ -49,11 +50,27 @@ def pg_database() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module")
+def mysql_server() -> Iterator[list[str]]:
+    """MariaDB databases made for this module's tests, dropped at its end (a database per
+    test: MariaDB's schemas are its databases)."""
+    made: list[str] = []
+    yield made
+    for name in made:
+        drop_mysql_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "duckdb", "mariadb"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty state database: a SQLite file, or a PostgreSQL schema of its own."""
+    """A fresh, empty state database: a SQLite or DuckDB file, a PostgreSQL schema of its
+    own, or a MariaDB database of its own."""
     if request.param == "sqlite":
         u = f"sqlite:///{tmp_path / 'state.db'}"
+    elif request.param == "duckdb":
+        u = f"duckdb:///{tmp_path / 'state.duckdb'}"
+    elif request.param == "mariadb":
+        name, u = mysql_database("pagesync_store")
+        request.getfixturevalue("mysql_server").append(name)
     else:
         database = request.getfixturevalue("pg_database")
         schema = f"s_{uuid.uuid4().hex[:12]}"
@@ -75,7 +92,7 @@ def store(url: str) -> Store:
 
 def sql(store: Store, statement: str, **params: Any) -> list[Any]:
     with store.engine.begin() as conn:
-        result = conn.execute(text(statement), params)
+        result = conn.execute(text(quoted(store.engine, statement)), params)
         return list(result) if result.returns_rows else []
 
 
@@ -87,7 +104,7 @@ def row(store: Store, partition: str, stream: str = "items", scope: str = "") ->
 def expire(store: Store, partition: str) -> None:
     sql(
         store,
-        "UPDATE pagesync_partitions SET lease_expires = :t WHERE partition = :p",
+        "UPDATE pagesync_partitions SET lease_expires = :t WHERE {partition} = :p",
         t=time.time() - 60,
         p=partition,
     )
@@ -123,7 +140,7 @@ def test_migrate_creates_tables_and_stores_the_version(url: str) -> None:
     assert store.migrate() == SCHEMA_VERSION
     tables = set(inspect(store.engine).get_table_names())
     assert {"pagesync_partitions", "pagesync_pages", "pagesync_meta"} <= tables
-    assert sql(store, "SELECT key, value FROM pagesync_meta") == [
+    assert sql(store, "SELECT {key}, value FROM pagesync_meta") == [
         ("schema_version", str(SCHEMA_VERSION))
     ]
     with store.engine.connect() as conn:
@@ -144,7 +161,7 @@ def test_newer_schema_version_is_refused(url: str) -> None:
     Store(url).migrate()
     sql(
         Store(url),
-        "UPDATE pagesync_meta SET value = :v WHERE key = 'schema_version'",
+        "UPDATE pagesync_meta SET value = :v WHERE {key} = 'schema_version'",
         v=str(SCHEMA_VERSION + 1),
     )
     with pytest.raises(StateError, match="newer") as info:

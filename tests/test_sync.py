@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import STREAMS, write_config
+from conftest import STREAMS, database_url, write_config
 from helpers import assert_counters_match_log, assert_exactly_once, partition_rows, rows
 
 from pagesync.core.config import load_config
@@ -140,15 +140,20 @@ def test_a_config_built_in_code_is_used_by_its_run_only(tmp_path: Path, api: Dem
         pagesync.sync(str(path), "copy")  # the file itself has no such stream
 
 
+@pytest.mark.parametrize(
+    ("engine", "same"), [("sqlite", False), ("duckdb", True), ("mariadb", True), ("mariadb", False)]
+)
 def test_nested_records_flattened_and_split_off_survive_a_failed_run(
-    tmp_path: Path, api: DemoAPI, pg_url: str
+    tmp_path: Path, api: DemoAPI, engine: str, same: bool, request: pytest.FixtureRequest
 ) -> None:
     """`nested:` end to end, on the at-least-once path (state in PostgreSQL, records in
-    SQLite): a run stopped by the API midway, then run again, leaves every item once,
-    its object as `attrs__*` columns, and every tag once in `items__tags`."""
+    SQLite or MariaDB) and the exactly-once one (DuckDB, MariaDB): a run stopped by the API
+    midway, then run again, leaves every item once, its object as `attrs__*` columns, and
+    every tag once in `items__tags`."""
     spec = {**STREAMS["cursor"], "nested": {"flatten": True, "child_tables": ["tags"]}}
-    dest = f"sqlite:///{tmp_path / 'dest.db'}"
-    path = write_config(tmp_path, api.url, {"items": spec}, state=pg_url, destination=dest)
+    dest = database_url(engine, request, tmp_path, "dest")
+    state = dest if same else request.getfixturevalue("pg_url")
+    path = write_config(tmp_path, api.url, {"items": spec}, state=state, destination=dest)
     api.add_fault(kind="status", status=400, after=3, times=-1, path="/cursor/items")
     with pytest.raises(ExceptionGroup):
         sync(path, "items")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import STREAMS, run_cli, write_config
+from conftest import STREAMS, database_url, run_cli, write_config
 from helpers import (
     assert_counters_match_log,
     assert_exactly_once,
@@ -37,15 +37,17 @@ from pagesync.demo.api import DemoAPI
 PAGE = 100  # 2000 items: 20 pages
 
 
+@pytest.mark.parametrize("engine", ["sqlite", "mariadb"])
 @pytest.mark.parametrize(
     ("every_pages", "separate"),
     [(1, False), (3, True)],
     ids=["same-database", "separate-destination"],
 )
 def test_hung_run_loses_its_lease_to_another_and_cannot_commit(
-    tmp_path: Path, api: DemoAPI, every_pages: int, separate: bool
-) -> None:
-    state = f"sqlite:///{tmp_path / 'state.db'}"
+    tmp_path: Path, api: DemoAPI, every_pages: int, separate: bool, engine: str,
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
+    state = database_url(engine, request, tmp_path, "state")
     dest = f"sqlite:///{tmp_path / 'dest.db'}" if separate else state
     spec = {**STREAMS["cursor"], "params": {"limit": PAGE},
             "checkpoint": {"every_pages": every_pages}}  # fmt: skip

@@ -466,12 +466,13 @@ def expand_env(value: Any, *, file: str, key: str = "") -> Any:
 
 
 def resolve_sqlite(url: str, folder: Path) -> str:
-    """Make a relative SQLite path absolute against the config file's folder."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith("sqlite:////"):
-        rest = url[len(prefix) :]
-        if rest and rest != ":memory:" and not rest.startswith("file:"):
-            return prefix + str((folder / rest).resolve())
+    """Make a relative SQLite or DuckDB file path absolute against the config file's folder."""
+    for scheme in ("sqlite", "duckdb"):
+        prefix = f"{scheme}:///"
+        if url.startswith(prefix) and not url.startswith(f"{scheme}:////"):
+            rest = url[len(prefix) :]
+            if rest and rest != ":memory:" and not rest.startswith("file:"):
+                return prefix + str((folder / rest).resolve())
     return url
 
 

@@ -19,6 +19,7 @@ import orjson
 from sqlalchemy import Engine, event, inspect
 from sqlalchemy.engine import Connection
 
+from . import dialects
 from . import records as records_
 from .dbapi import run_on_driver
 from .errors import ExtractError
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from .config import Nested
 
 META_COLUMNS = ("_pagesync_partition", "_pagesync_page", "_pagesync_synced_at")
+_FLOATS = frozenset({"REAL", "DOUBLE PRECISION", "DOUBLE"})
 #: An append table's extra metadata column: which walk of the partition wrote the row, so a
 #: resumed walk can take back exactly its own uncommitted or re-read rows.
 LOAD = "_pagesync_load"
@@ -34,44 +36,34 @@ LOAD = "_pagesync_load"
 log = logging.getLogger("pagesync.destination")
 
 _NUMBERS = frozenset({int, float})
-#: What each column type pagesync creates holds as it is; other values are type drift.
-#: Columns of other types (a table the user made) are left to the database.
+_TEXT = frozenset({str})
+#: What each column type pagesync creates holds as it is (by base type, `VARCHAR(255)` as
+#: `VARCHAR`); other values are type drift. Other types (a table the user made) are left
+#: to the database.
 HOLDS: dict[str, frozenset[type]] = {
     "BIGINT": frozenset({int}), "INTEGER": frozenset({int}),
-    "DOUBLE PRECISION": _NUMBERS, "REAL": _NUMBERS, "FLOAT": _NUMBERS,
-    "BOOLEAN": frozenset({bool}), "TEXT": frozenset({str}),
+    "DOUBLE PRECISION": _NUMBERS, "DOUBLE": _NUMBERS, "REAL": _NUMBERS, "FLOAT": _NUMBERS,
+    "BOOLEAN": frozenset({bool}), "TINYINT": frozenset({bool}),  # MariaDB's BOOLEAN
+    "TEXT": _TEXT, "LONGTEXT": _TEXT, "VARCHAR": _TEXT,
     "JSON": frozenset({dict, list}), "JSONB": frozenset({dict, list}),
 }  # fmt: skip
 _NESTED = frozenset({dict, list})
-
-
-def _sql_type(value: Any, dialect: str) -> str:
-    pg = dialect == "postgresql"
-    if isinstance(value, bool):
-        return "BOOLEAN"
-    if isinstance(value, int):
-        return "BIGINT" if pg else "INTEGER"
-    if isinstance(value, float):
-        return "DOUBLE PRECISION" if pg else "REAL"
-    if isinstance(value, (dict, list)):
-        return "JSONB" if pg else "JSON"
-    return "TEXT"
 
 
 def column_types(records: list[dict[str, Any]], names: list[str], dialect: str) -> dict[str, str]:
     """A type per new column from the page's values; a float anywhere makes it a float."""
     types: dict[str, str] = {}
     for name in names:
-        chosen = "TEXT"
+        text = chosen = dialects.text_type(dialect)
         for record in records:
             value = record.get(name)
             if value is None:
                 continue
-            t = _sql_type(value, dialect)
-            if t in ("REAL", "DOUBLE PRECISION"):
+            t = dialects.value_type(value, dialect)
+            if t in _FLOATS:
                 chosen = t
                 break
-            if chosen == "TEXT":
+            if chosen == text:
                 chosen = t
         types[name] = chosen
     return types
@@ -90,6 +82,7 @@ class Table:
         self.sql: str | None = None
         self.pk_idx: list[int] = []
         self.json_idx: list[int] = []
+        self.key_chars: dict[int, int] = {}
 
 
 class Destination:
@@ -100,20 +93,21 @@ class Destination:
         self.dialect = engine.dialect.name
         # Always quoted: SQLAlchemy's own rule leaves some SQLite keywords (`nothing`) bare.
         self.quote = engine.dialect.identifier_preparer.quote_identifier
-        self.paramstyle = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        self.paramstyle = dialects.positional_mark(engine.dialect.paramstyle)
+        self.text = dialects.text_type(self.dialect)
         self.tables: dict[str, Table] = {}
         self.reported: set[tuple[str, str]] = set()  # columns whose type change was logged
+        self._rejected_ready: set[str] = set()  # MySQL: `<stream>__rejected` exists
 
     def _load(
         self, conn: Connection, name: str, primary_key: list[str], append: bool = False
     ) -> Table:
         table = self.tables.get(name)
         if table is None:
-            insp = inspect(conn)
             meta = Table(name, primary_key, {}, append).meta
             cols: dict[str, str] = {}
-            if insp.has_table(name):
-                found = {c["name"]: str(c["type"]) for c in insp.get_columns(name)}
+            found = dialects.table_columns(conn, name)
+            if found:
                 if append and LOAD not in found:  # a merge table's stream now appends
                     self._forget_on_rollback(conn, name)
                     conn.exec_driver_sql(
@@ -140,12 +134,15 @@ class Destination:
         self._forget_on_rollback(conn, table.name)
         if not table.columns:
             pk_first = table.primary_key + [m for m in missing if m not in table.primary_key]
-            defs = [f"{q(c)} {types.get(c, 'TEXT')}" for c in pk_first]
+            text_keys = sum(types.get(k, self.text) == self.text for k in table.primary_key)
+            for key in table.primary_key:
+                types[key] = dialects.key_type(types.get(key, self.text), self.dialect, text_keys)
+            defs = [f"{q(c)} {types.get(c, self.text)}" for c in pk_first]
             defs += [f"{q(m)} {'INTEGER' if m == '_pagesync_page' else 'TEXT'}" for m in table.meta]
             if table.primary_key:
                 defs.append(f"PRIMARY KEY ({', '.join(q(k) for k in table.primary_key)})")
             conn.exec_driver_sql(f"CREATE TABLE IF NOT EXISTS {q(table.name)} ({', '.join(defs)})")
-            table.columns = {c: types.get(c, "TEXT") for c in pk_first}
+            table.columns = {c: types.get(c, self.text) for c in pk_first}
             table.columns.update({m: "TEXT" for m in table.meta})
         else:
             for name in missing:
@@ -159,20 +156,22 @@ class Destination:
         self._prepare(table)
 
     def _prepare(self, table: Table) -> None:
-        q = self.quote
         cols = list(table.columns)
-        names = ", ".join(q(c) for c in cols)
-        marks = ", ".join([self.paramstyle] * len(cols))
-        pk = ", ".join(q(k) for k in table.primary_key)
-        sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in cols if c not in table.primary_key)
-        action = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
-        table.sql = f"INSERT INTO {q(table.name)} ({names}) VALUES ({marks})"
-        if table.primary_key:
-            table.sql += f" ON CONFLICT ({pk}) {action}"
+        table.sql = dialects.upsert(
+            self.dialect, table.name, cols, table.primary_key, self.quote, self.paramstyle
+        )
         table.pk_idx = [cols.index(k) for k in table.primary_key]
         table.json_idx = [
-            i for i, c in enumerate(cols) if table.columns[c].upper() in ("JSON", "JSONB")
+            i
+            for i, c in enumerate(cols)
+            if dialects.base_type(table.columns[c]) in ("JSON", "JSONB")
         ]
+        #: MySQL/MariaDB text keys are VARCHAR(n): their length, checked before the insert.
+        table.key_chars = {
+            i: int(t.split("(")[1].rstrip(")"))
+            for i, t in ((i, table.columns[cols[i]].upper()) for i in table.pk_idx)
+            if t.startswith("VARCHAR(") and self.dialect in dialects.MYSQL
+        }
 
     def write(
         self,
@@ -196,20 +195,32 @@ class Destination:
         meta: tuple[Any, ...] = (partition, page, datetime.now(UTC).isoformat(timespec="seconds"))
         if load is not None:
             return self._upsert(conn, stream, [], records, (*meta, load), append=True)
+        (name, key, parents), *children = self._parts(stream, primary_key, records, nested)
+        count = self._upsert(conn, name, key, parents, meta)
+        if children:
+            owners = [[r.get(k) for k in primary_key] for r in records]
+            for child, child_key, rows in children:
+                self._forget_items(conn, child, child_key[:-1], owners)
+                if rows:
+                    self._upsert(conn, child, child_key, rows, meta)
+        return count
+
+    @staticmethod
+    def _parts(
+        stream: str, primary_key: list[str], records: list[dict[str, Any]], nested: Nested | None
+    ) -> list[tuple[str, list[str], list[dict[str, Any]]]]:
+        """The tables a page's records go to, each with its key and rows: the stream's own
+        table first, then one per `nested.child_tables` field (rows may be none)."""
         if nested is None or not (nested.flatten or nested.child_tables):
-            return self._upsert(conn, stream, primary_key, records, meta)
+            return [(stream, primary_key, records)]
         parents, children = records_.split(
             records, primary_key, nested.child_tables, nested.flatten
         )
-        count = self._upsert(conn, stream, primary_key, parents, meta)
         keys = [records_.parent_column(k) for k in primary_key]
-        owners = [[r.get(k) for k in primary_key] for r in records]
-        for field, rows in children.items():
-            child = f"{stream}{records_.SEP}{field}"
-            self._forget_items(conn, child, keys, owners)
-            if rows:
-                self._upsert(conn, child, [*keys, records_.INDEX], rows, meta)
-        return count
+        return [(stream, primary_key, parents)] + [
+            (f"{stream}{records_.SEP}{field}", [*keys, records_.INDEX], rows)
+            for field, rows in children.items()
+        ]
 
     def _forget_items(
         self, conn: Connection, child: str, keys: list[str], owners: list[Any]
@@ -269,7 +280,19 @@ class Destination:
             if any(row[idx] is None for row in rows):
                 field = list(table.columns)[idx]
                 raise ExtractError(f"a record has no primary key field {field!r}", transient=False)
-        run_on_driver(conn, table.sql, rows, many=True)  # no per-row wrapping
+        for idx, limit in table.key_chars.items():
+            longest = max(len(str(row[idx])) for row in rows)
+            if longest > limit:
+                raise ExtractError(
+                    f"stream {name}: primary key field {list(table.columns)[idx]!r} has a value "
+                    f"of {longest} characters; this {self.dialect} table's key holds {limit} "
+                    f"(VARCHAR({limit}), the most an InnoDB key allows)",
+                    transient=False,
+                )
+        if self.dialect in dialects.COLUMNAR:
+            run_on_driver(conn, table.sql, dialects.bulk_rows(rows, table.pk_idx))
+        else:
+            run_on_driver(conn, table.sql, rows, many=True)  # no per-row wrapping
         return len(rows)
 
     @staticmethod
@@ -304,7 +327,7 @@ class Destination:
                 continue  # any JSON value was written as JSON text
             found = set(map(type, [row[i] for row in rows]))
             found.discard(type(None))
-            holds = HOLDS.get(table.columns[name].upper())
+            holds = HOLDS.get(dialects.base_type(table.columns[name]))
             if holds is None or found <= holds:
                 if found & _NESTED:  # a column of the user's own type
                     _dump_nested(rows, i)
@@ -316,25 +339,27 @@ class Destination:
     def _retype(
         self, conn: Connection, table: Table, name: str, found: set[type], holds: frozenset[type]
     ) -> None:
-        """A column met values it does not hold. SQLite keeps any value in any column;
-        PostgreSQL refuses them, so its column becomes DOUBLE PRECISION (fractions in a
-        whole-number column, not worth a warning) or TEXT."""
+        """A column met values it does not hold. SQLite keeps any value in any column; the
+        others refuse them, so the column becomes a float column (fractions in a
+        whole-number column, not worth a warning) or a text one."""
         column_type = table.columns[name].upper()
         numbers_only = found <= _NUMBERS and holds <= _NUMBERS
         if numbers_only and self.dialect == "sqlite":
             return
-        new_type = (
-            None if self.dialect == "sqlite" else "DOUBLE PRECISION" if numbers_only else "TEXT"
-        )
-        if new_type is not None and new_type != column_type:
-            q = self.quote
-            self._forget_on_rollback(conn, table.name)
-            conn.exec_driver_sql(
-                f"ALTER TABLE {q(table.name)} ALTER COLUMN {q(name)} TYPE {new_type} "
-                f"USING {q(name)}::{new_type.lower()}"
-            )
-            table.columns[name] = new_type
-            self._prepare(table)
+        new_type: str | None = None
+        if self.dialect != "sqlite":
+            new_type = dialects.float_type(self.dialect) if numbers_only else self.text
+            if name in table.primary_key:
+                new_type = dialects.key_type(new_type, self.dialect, len(table.primary_key))
+            if dialects.base_type(new_type) == dialects.base_type(column_type):
+                new_type = column_type
+            else:
+                self._forget_on_rollback(conn, table.name)
+                conn.exec_driver_sql(
+                    dialects.retype(self.dialect, table.name, name, new_type, self.quote)
+                )
+                table.columns[name] = new_type
+                self._prepare(table)
         if numbers_only or (table.name, name) in self.reported:
             return
         self.reported.add((table.name, name))
@@ -359,15 +384,46 @@ class Destination:
         """Records a stream's model refused, with why and where from, in `<stream>__rejected`."""
         q, mark = self.quote, self.paramstyle
         name = q(f"{stream}__rejected")
-        conn.exec_driver_sql(
-            f"CREATE TABLE IF NOT EXISTS {name} ({q('partition')} TEXT, {q('page')} INTEGER, "
-            f"{q('error')} TEXT, {q('record')} TEXT, {q('rejected_at')} TEXT)"
-        )
+        if stream not in self._rejected_ready:
+            self._rejected_table(conn, stream)
         now = datetime.now(UTC).isoformat(timespec="seconds")
         rows = [
             (partition, page, error, orjson.dumps(rec).decode(), now) for rec, error in rejected
         ]
         run_on_driver(conn, f"INSERT INTO {name} VALUES ({', '.join([mark] * 5)})", rows, many=True)
+
+    def _rejected_table(self, conn: Connection, stream: str) -> None:
+        q, text = self.quote, self.text
+        conn.exec_driver_sql(
+            f"CREATE TABLE IF NOT EXISTS {q(f'{stream}__rejected')} ({q('partition')} {text}, "
+            f"{q('page')} INTEGER, {q('error')} {text}, {q('record')} {text}, "
+            f"{q('rejected_at')} {text})"
+        )
+
+    def prepare(
+        self,
+        conn: Connection,
+        stream: str,
+        primary_key: list[str],
+        pages: list[tuple[list[dict[str, Any]], bool]],
+        nested: Nested | None = None,
+        append: bool = False,
+    ) -> None:
+        """Schema changes for the pages of one checkpoint (their records, and whether any
+        were rejected), made before the first row where DDL commits the open transaction
+        (MySQL/MariaDB): so a checkpoint's rows and its state still commit together."""
+        if self.dialect not in dialects.DDL_COMMITS:
+            return
+        records = [r for page, _ in pages for r in page]
+        parts = self._parts(stream, primary_key, records, nested) if records else []
+        for i, (name, key, rows) in enumerate(parts):
+            if rows:
+                table = self._load(conn, name, key, append=append and i == 0)
+                self._widen(conn, table, rows)
+                self._fit(conn, table, self._rows(table, rows, (None,) * len(table.meta)))
+        if any(rejected for _, rejected in pages) and stream not in self._rejected_ready:
+            self._rejected_table(conn, stream)
+            self._rejected_ready.add(stream)  # DDL there is committed, whatever follows
 
     def _forget_on_rollback(self, conn: Connection, name: str) -> None:
         """DDL runs in the caller's transaction: if that rolls back, so does our knowledge."""

@@ -501,6 +501,11 @@ class PartitionRun:
         status = COMPLETE if done else None
         with run.store.writing() as conn:
             if run.same_db:
+                run.destination.prepare(
+                    conn, run.name, self.stream.primary_key,
+                    [(records, bool(rejected)) for records, rejected, _ in self._pending],
+                    self.stream.nested, append=self.appends,
+                )  # fmt: skip
                 for records, rejected, page in self._pending:
                     self._upsert(conn, records, rejected, page)
             run.store.write(conn, lease, patch=patch, status=status, release=done)

@@ -19,11 +19,28 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, and_, create_engine, event, func, insert, select, text, update
-from sqlalchemy.engine import Connection
-from sqlmodel import Field, SQLModel
+from sqlalchemy import (
+    DateTime,
+    DefaultClause,
+    Double,
+    Engine,
+    Float,
+    MetaData,
+    and_,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.schema import CreateSequence, Sequence
+from sqlmodel import AutoString, Field, SQLModel
 
-from . import crashpoints, mergepatch
+from . import crashpoints, dialects, mergepatch
 from .dbapi import run_on_driver
 from .errors import LeaseLost, StateError
 from .procs import alive
@@ -37,6 +54,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# Types as on SQLite and PostgreSQL (VARCHAR, FLOAT, TIMESTAMP), with what MySQL/MariaDB and
+# DuckDB need: MySQL's VARCHAR needs a length (255: three key columns fit InnoDB's 3072-byte
+# key in utf8mb4) and documents need LONGTEXT; FLOAT is 4 bytes on both, too coarse for a
+# lease's expiry in epoch seconds; MySQL's DATETIME keeps no fraction unless asked.
+_TEXT = AutoString().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+_EPOCH = Float().with_variant(Double(), "mysql", "mariadb", "duckdb")
+_STAMP = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+
 class PartitionRow(SQLModel, table=True):
     """One partition of a stream: where it is, who holds it, what it has committed."""
 
@@ -48,14 +74,14 @@ class PartitionRow(SQLModel, table=True):
     partition: str = Field(primary_key=True)
     status: str = Field(default=PENDING, index=True)
     #: The checkpoint document (JSON): cursor, next token, page, sorted, ... Changed by merge patches.
-    state: str = "{}"
+    state: str = Field(default="{}", sa_type=_TEXT)
     version: int = 0
     pages: int = 0
     records: int = 0
     lease_owner: str | None = None
-    lease_expires: float | None = None
-    error: str | None = None
-    updated_at: datetime = Field(default_factory=utcnow)
+    lease_expires: float | None = Field(default=None, sa_type=_EPOCH)
+    error: str | None = Field(default=None, sa_type=_TEXT)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=_STAMP)
 
 
 class PageLogRow(SQLModel, table=True):
@@ -69,18 +95,18 @@ class PageLogRow(SQLModel, table=True):
     partition: str
     page: int
     records: int
-    cursor_before: str | None = None
-    cursor_after: str | None = None
+    cursor_before: str | None = Field(default=None, sa_type=_TEXT)
+    cursor_after: str | None = Field(default=None, sa_type=_TEXT)
     flow_run_id: str | None = None
     task_run_id: str | None = None
-    committed_at: datetime = Field(default_factory=utcnow)
+    committed_at: datetime = Field(default_factory=utcnow, sa_type=_STAMP)
 
 
 class MetaRow(SQLModel, table=True):
     __tablename__ = "pagesync_meta"
 
     key: str = Field(primary_key=True)
-    value: str
+    value: str = Field(sa_type=_TEXT)
 
 
 P = PartitionRow.__table__  # type: ignore[attr-defined]
@@ -116,8 +142,10 @@ _WRITE_LOCKS: dict[str, threading.Lock] = {}
 
 def write_lock(engine: Engine) -> AbstractContextManager[Any]:
     """Queue this process's SQLite writers on a lock instead of in SQLite's busy handler,
-    which sleeps up to 100 ms between tries. PostgreSQL needs no such thing."""
-    if engine.dialect.name != "sqlite":
+    which sleeps up to 100 ms between tries; DuckDB's writers too, whose concurrent
+    transactions fail on conflict instead of waiting. PostgreSQL and MySQL need no such
+    thing."""
+    if engine.dialect.name not in dialects.SINGLE_WRITER:
         return nullcontext()
     return _WRITE_LOCKS.setdefault(str(engine.url), threading.Lock())
 
@@ -128,6 +156,19 @@ def engine_for(url: str) -> Engine:
         if url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
             _sqlite_setup(engine)
+        elif url.startswith("duckdb"):
+            # One process holds a DuckDB file; its connections share one database instance.
+            engine = create_engine(url)
+        elif url.startswith(("mysql", "mariadb")):
+            parsed = make_url(url)
+            if "charset" not in parsed.query:
+                parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+            # READ COMMITTED: a CAS reads the latest version, and no gap locks between the
+            # partitions' page-log inserts.
+            engine = create_engine(
+                parsed, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=3600,
+                isolation_level="READ COMMITTED",
+            )  # fmt: skip
         else:
             engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
         _ENGINES[url] = engine
@@ -147,7 +188,17 @@ Migration = Callable[[Connection], None]
 
 
 def _v0_to_v1(conn: Connection) -> None:
-    SQLModel.metadata.create_all(conn, tables=[P, L, M])
+    if conn.dialect.name != "duckdb":
+        SQLModel.metadata.create_all(conn, tables=[P, L, M])
+        return
+    # DuckDB has no SERIAL: the page log's id comes from a sequence of its own.
+    seq = Sequence("pagesync_pages_id_seq")
+    conn.execute(CreateSequence(seq, if_not_exists=True))
+    log = L.to_metadata(MetaData())
+    log.c.id.server_default = DefaultClause(text("nextval('pagesync_pages_id_seq')"))
+    log.c.id.autoincrement = False
+    SQLModel.metadata.create_all(conn, tables=[P, M])
+    log.create(conn, checkfirst=True)
 
 
 MIGRATIONS: list[Migration] = [_v0_to_v1]
@@ -219,9 +270,7 @@ class _CheckpointSQL:
     def __init__(self, engine: Engine) -> None:
         dialect = engine.dialect
         q = dialect.identifier_preparer.quote_identifier
-        # psycopg binds %(name)s; sqlite3 binds :name whatever paramstyle it declares.
-        pyformat = dialect.paramstyle == "pyformat"
-        mark = (lambda n: f"%({n})s") if pyformat else (lambda n: f":{n}")
+        mark = dialects.named_mark(dialect.paramstyle)
         stamp_type = L.c.committed_at.type.dialect_impl(dialect)
         self.stamp = stamp_type.bind_processor(dialect) or (lambda v: v)
         self.log = (
@@ -245,7 +294,7 @@ class _CheckpointSQL:
 
 
 class Store:
-    """Checkpoint store on one database (SQLite or PostgreSQL)."""
+    """Checkpoint store on one database (SQLite, PostgreSQL, DuckDB or MySQL/MariaDB)."""
 
     def __init__(self, url: str, *, lease_ttl: float = 300.0) -> None:
         self.url = url
@@ -270,7 +319,7 @@ class Store:
         """Bring the schema to SCHEMA_VERSION in one transaction, once, before any partition."""
         if self._migrated:
             return SCHEMA_VERSION
-        with self.writing() as conn:
+        with self._migration_lock(), self.writing() as conn:
             if self.engine.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(7305)"))  # one migrator at a time
             version = self.schema_version(conn)
@@ -290,6 +339,23 @@ class Store:
                     conn.execute(update(M).where(M.c.key == "schema_version").values(values))
         self._migrated = True
         return SCHEMA_VERSION
+
+    @contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        """MySQL/MariaDB: one migrator at a time, through a named lock held on a connection
+        of its own until the migration has committed. DDL commits there as it runs, so a
+        migration interrupted midway is redone from its start: each step must be safe to
+        find partly done (create_all checks for each table first)."""
+        if not dialects.is_mysql(self.engine.dialect.name):
+            yield
+            return
+        with self.engine.connect() as lock:
+            if lock.exec_driver_sql("SELECT GET_LOCK('pagesync_migrate', 120)").scalar() != 1:
+                raise StateError(f"another process has been migrating {self.url} for 2 minutes")
+            try:
+                yield
+            finally:
+                lock.exec_driver_sql("SELECT RELEASE_LOCK('pagesync_migrate')")
 
     # -- reading --------------------------------------------------------------------------
 
