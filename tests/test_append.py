@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import STREAMS, run_cli, write_config
+from conftest import STREAMS, database_url, run_cli, write_config
 from helpers import committed_pages, rows
 
 from pagesync.demo.api import DemoAPI
@@ -48,6 +48,22 @@ def test_an_append_stream_killed_midway_lands_every_record_once(
         f"records appended twice: {[k for k, v in got.items() if v > 1][:5]}"
     )
     assert len({r["_pagesync_load"] for r in rows(dest, "items")}) == 1  # one walk, resumed
+
+
+@pytest.mark.parametrize("engine", ["duckdb", "mariadb", "postgres"])
+def test_an_append_stream_killed_in_its_commit_lands_every_record_once_on_every_engine(
+    tmp_path: Path, api: DemoAPI, engine: str, request: pytest.FixtureRequest
+) -> None:
+    """The same on the other engines, state and records in one database: killed inside
+    the checkpoint's transaction, resumed from the cursor."""
+    db = database_url(engine, request, tmp_path)
+    path = write_config(tmp_path, api.url, {"items": append_stream()}, state=db)
+    killed = run_cli("run", "items", "-c", str(path), PAGESYNC_CRASH_AT="in_commit:5")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    done = run_cli("run", "items", "-c", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = counts(db)
+    assert set(got) == {i["id"] for i in api.items} and set(got.values()) == {1}
 
 
 def test_each_run_appends_again_and_the_table_has_no_key(tmp_path: Path, api: DemoAPI) -> None:
