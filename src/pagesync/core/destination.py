@@ -82,6 +82,8 @@ class Table:
         self.sql: str | None = None
         self.pk_idx: list[int] = []
         self.json_idx: list[int] = []
+        #: Per data column, what its type holds (HOLDS), None for types left to the database.
+        self.holds: list[frozenset[type] | None] = []
         self.key_chars: dict[int, int] = {}
 
 
@@ -161,11 +163,9 @@ class Destination:
             self.dialect, table.name, cols, table.primary_key, self.quote, self.paramstyle
         )
         table.pk_idx = [cols.index(k) for k in table.primary_key]
-        table.json_idx = [
-            i
-            for i, c in enumerate(cols)
-            if dialects.base_type(table.columns[c]) in ("JSON", "JSONB")
-        ]
+        bases = [dialects.base_type(table.columns[c]) for c in cols[: -len(table.meta)]]
+        table.json_idx = [i for i, base in enumerate(bases) if base in ("JSON", "JSONB")]
+        table.holds = [HOLDS.get(base) for base in bases]
         #: MySQL/MariaDB text keys are VARCHAR(n): their length, checked before the insert.
         table.key_chars = {
             i: int(t.split("(")[1].rstrip(")"))
@@ -321,20 +321,18 @@ class Destination:
         """Make the page's values fit their columns: each column's value types checked
         against what it holds (one set a column a page, in C), nested values outside JSON
         columns as JSON text, and a column the database would refuse a value in retyped."""
-        names = list(table.columns)[: -len(table.meta)]
-        for i, name in enumerate(names):
+        for i, holds in enumerate(table.holds):
             if i in table.json_idx:
                 continue  # any JSON value was written as JSON text
             found = set(map(type, [row[i] for row in rows]))
             found.discard(type(None))
-            holds = HOLDS.get(dialects.base_type(table.columns[name]))
             if holds is None or found <= holds:
                 if found & _NESTED:  # a column of the user's own type
                     _dump_nested(rows, i)
                 continue
             if found & _NESTED:
                 _dump_nested(rows, i)
-            self._retype(conn, table, name, found, holds)
+            self._retype(conn, table, list(table.columns)[i], found, holds)
 
     def _retype(
         self, conn: Connection, table: Table, name: str, found: set[type], holds: frozenset[type]
@@ -405,23 +403,24 @@ class Destination:
         conn: Connection,
         stream: str,
         primary_key: list[str],
-        pages: list[tuple[list[dict[str, Any]], bool]],
+        pages: list[tuple[list[dict[str, Any]], list[Any], int]],
         nested: Nested | None = None,
         append: bool = False,
     ) -> None:
-        """Schema changes for the pages of one checkpoint (their records, and whether any
-        were rejected), made before the first row where DDL commits the open transaction
-        (MySQL/MariaDB): so a checkpoint's rows and its state still commit together."""
+        """Schema changes for the pages of one checkpoint (records, rejected records, page
+        number each), made before the first row where DDL commits the open transaction
+        (MySQL/MariaDB): so a checkpoint's rows and its state still commit together. Costs
+        nothing on the other databases, whose DDL is part of the transaction."""
         if self.dialect not in dialects.DDL_COMMITS:
             return
-        records = [r for page, _ in pages for r in page]
+        records = [r for page, _, _ in pages for r in page]
         parts = self._parts(stream, primary_key, records, nested) if records else []
         for i, (name, key, rows) in enumerate(parts):
             if rows:
                 table = self._load(conn, name, key, append=append and i == 0)
                 self._widen(conn, table, rows)
                 self._fit(conn, table, self._rows(table, rows, (None,) * len(table.meta)))
-        if any(rejected for _, rejected in pages) and stream not in self._rejected_ready:
+        if any(rejected for _, rejected, _ in pages) and stream not in self._rejected_ready:
             self._rejected_table(conn, stream)
             self._rejected_ready.add(stream)  # DDL there is committed, whatever follows
 

@@ -54,10 +54,10 @@ def value_type(value: Any, dialect: str) -> str:
     if isinstance(value, int):
         return "INTEGER" if dialect == "sqlite" else "BIGINT"
     if isinstance(value, float):
-        return {"sqlite": "REAL", "postgresql": "DOUBLE PRECISION"}.get(dialect, "DOUBLE")
+        return float_type(dialect)
     if isinstance(value, (dict, list)):
         return "JSONB" if dialect == "postgresql" else "JSON"
-    return "LONGTEXT" if dialect in MYSQL else "TEXT"
+    return text_type(dialect)
 
 
 def text_type(dialect: str) -> str:
@@ -74,6 +74,7 @@ def key_type(sql_type: str, dialect: str, text_keys: int) -> str:
 
 
 def float_type(dialect: str) -> str:
+    """The type of a column holding fractions (and whole numbers)."""
     return {"sqlite": "REAL", "postgresql": "DOUBLE PRECISION"}.get(dialect, "DOUBLE")
 
 

@@ -36,7 +36,7 @@ from .errors import (
     PaginationLoop,
     Stopped,
 )
-from .extract import dig, found_instead, values_at
+from .extract import ABSENT, dig, found_instead, values_at
 from .http import RateLimiter, SourceClient
 from .paginators import PageRequest, Token, base_request
 from .partitions import PartitionSpec, plan
@@ -54,7 +54,6 @@ from .store import (
 from .streams import user_code
 
 log = logging.getLogger("pagesync")
-_ABSENT = object()
 
 
 class Stop:
@@ -416,7 +415,7 @@ class PartitionRun:
         pos, field_ = self._position, self.cursor_field
         values = values_at(records, field_)
         if not values:
-            if all(dig(r, field_, _ABSENT) is _ABSENT for r in records):
+            if all(dig(r, field_, ABSENT) is ABSENT for r in records):
                 raise ExtractError(
                     f"cursor.field: {field_!r} is in none of the page's records "
                     f"({found_instead(records[0], field_)} in the first)",
@@ -502,8 +501,7 @@ class PartitionRun:
         with run.store.writing() as conn:
             if run.same_db:
                 run.destination.prepare(
-                    conn, run.name, self.stream.primary_key,
-                    [(records, bool(rejected)) for records, rejected, _ in self._pending],
+                    conn, run.name, self.stream.primary_key, self._pending,
                     self.stream.nested, append=self.appends,
                 )  # fmt: skip
                 for records, rejected, page in self._pending:

@@ -9,6 +9,8 @@ import orjson
 from .errors import ExtractError
 
 _MISSING = object()
+#: A default for `dig` that tells a path that is absent from one that holds null.
+ABSENT = object()
 
 
 def dig(obj: Any, path: str | None, default: Any = _MISSING) -> Any:

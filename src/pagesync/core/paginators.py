@@ -19,7 +19,7 @@ import httpx
 
 from . import config as cfg
 from .errors import ExtractError
-from .extract import dig, found_instead
+from .extract import ABSENT, dig, found_instead
 
 Token = Any  # a JSON value: str, int, a list of sort values, or None
 
@@ -74,9 +74,6 @@ def _missing(key: str, path: str, obj: Any, what: str = "the response") -> Extra
     )
 
 
-_ABSENT = object()
-
-
 class Paginator(ABC):
     stable_tokens: bool = False
 
@@ -84,6 +81,8 @@ class Paginator(ABC):
         self.spec = spec
         if spec is not None and spec.stable_tokens:
             self.stable_tokens = True
+        #: Answers after the first page that mean "no more pages" (config's end_of_data).
+        self.end_of_data: tuple[cfg.Match, ...] = tuple(getattr(spec, "end_of_data", None) or ())
 
     def first(self) -> Token:
         """The token of the first page."""
@@ -96,8 +95,7 @@ class Paginator(ABC):
     def accept(self, token: Token) -> tuple[cfg.Match, ...]:
         """Error answers that mean "no more pages": never for the first page, where
         they mean a wrong path or a broken API."""
-        ends = getattr(self.spec, "end_of_data", None)
-        return tuple(ends) if ends and token != self.first() else ()
+        return self.end_of_data if self.end_of_data and token != self.first() else ()
 
     def records(self, body: Any) -> list[dict[str, Any]] | None:
         """The page's records when the style knows where they are (GraphQL); None: the
@@ -110,8 +108,8 @@ class Paginator(ABC):
         """The next page's token after the shared stops (`has_more`) had their say."""
         path = getattr(self.spec, "has_more", None)
         if path:
-            more = dig(body, path, _ABSENT)
-            if more is _ABSENT:
+            more = dig(body, path, ABSENT)
+            if more is ABSENT:
                 raise _missing("paginator.has_more", path, body)
             if not more:
                 return None
@@ -181,8 +179,8 @@ class LastRecord(_Injected):
     def next(self, token: Token, response: httpx.Response, body: Any, records: list) -> Token:
         if not records:
             return None
-        value = dig(records[-1], self.spec.field, _ABSENT)
-        if value is _ABSENT or value is None:
+        value = dig(records[-1], self.spec.field, ABSENT)
+        if value is ABSENT or value is None:
             raise _missing("paginator.field", self.spec.field, records[-1], "the last record")
         return value
 
@@ -204,7 +202,7 @@ class GraphQL(Paginator):
         errors = body.get("errors") if isinstance(body, dict) else None
         if errors:
             raise graphql_error(errors)
-        conn = dig(body, self.spec.connection, _ABSENT)
+        conn = dig(body, self.spec.connection, ABSENT)
         if not isinstance(conn, dict):
             raise _missing("paginator.connection", self.spec.connection, body)
         if "nodes" in conn:
@@ -243,9 +241,9 @@ def _total(spec: Any, body: Any) -> int | None:
     """The total count at `paginator.total`, when the config names one."""
     if not spec.total:
         return None
-    value = dig(body, spec.total, _ABSENT)
+    value = dig(body, spec.total, ABSENT)
     if isinstance(value, bool) or not isinstance(value, int):
-        if value is _ABSENT:
+        if value is ABSENT:
             raise _missing("paginator.total", spec.total, body)
         raise ExtractError(
             f"paginator.total: {spec.total!r} holds {value!r}, not a count", transient=False

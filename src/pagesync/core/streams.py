@@ -85,13 +85,16 @@ class Declarative(Stream):
         self.paginator: Paginator = make_paginator(config.paginator)
         self.stable_tokens = self.paginator.stable_tokens
         self.max_pages = config.paginator.max_pages
+        # The answers a page's request accepts, built once: without and with end-of-data.
+        self._actions = tuple(config.response_actions)
+        self._actions_or_end = (*self.paginator.end_of_data, *self._actions)
 
     def first(self) -> Token:
         return self.paginator.first()
 
     def request(self, base: PageRequest, token: Token) -> PageRequest:
         req = self.paginator.request(base, token)
-        accept = (*self.paginator.accept(token), *self.config.response_actions)
+        accept = self._actions_or_end if self.paginator.accept(token) else self._actions
         return replace(req, accept=accept) if accept else req
 
     def parse(self, response: httpx.Response, token: Token) -> Page:
