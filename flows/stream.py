@@ -119,6 +119,8 @@ def sync_stream(
                 exc = fut.result(raise_on_failure=False)
                 errors.append(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
                 outcomes.append(PartitionOutcome(s.key, "incomplete", error=str(exc)))
+        # replace: the refresh's tables go live only once every partition is complete.
+        replaced = not errors and run.swap()
     finally:
         run.close()
     _summary_artifact(stream, scope, outcomes, task_runs)
@@ -133,6 +135,7 @@ def sync_stream(
         "complete": sum(o.status == "complete" for o in outcomes),
         "pages": sum(o.new_pages for o in outcomes),
         "records": sum(o.new_records for o in outcomes),
+        "replaced": replaced,
     }
 
 

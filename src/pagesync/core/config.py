@@ -336,12 +336,14 @@ class Stream(Model):
     response_actions: list[ResponseAction] = Field(default_factory=list)
     records: str | None = Field(None, description="Dotted path to the record list; none = body.")
     primary_key: list[str] = Field(
-        default_factory=list, description="Required unless write_disposition is append."
+        default_factory=list, description="Required when write_disposition is merge."
     )
-    write_disposition: Literal["merge", "append"] = Field(
+    write_disposition: Literal["merge", "append", "replace"] = Field(
         "merge",
         description="merge: upsert by primary key. append: insert every record of every run "
-        "(no primary key needed), each once per run, resumes included.",
+        "(no primary key needed), each once per run, resumes included. replace: every run is "
+        "a full refresh into a staging table that replaces the table when all partitions "
+        "are complete.",
     )
     cursor: Cursor | None = None
     paginator: Paginator = Field(default_factory=lambda: SinglePagePaginator(type="single"))

@@ -19,6 +19,7 @@ POINTS = (
     "after_write",
     "in_commit",
     "after_commit",
+    "before_swap",
 )
 
 _target: tuple[str, int] | None = None

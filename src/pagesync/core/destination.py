@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection
 from . import dialects
 from . import records as records_
 from .dbapi import run_on_driver
+from .store import write_lock
 from .errors import ExtractError
 
 if TYPE_CHECKING:
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 
 META_COLUMNS = ("_pagesync_partition", "_pagesync_page", "_pagesync_synced_at")
 _FLOATS = frozenset({"REAL", "DOUBLE PRECISION", "DOUBLE"})
+#: A replace stream's staging table is `<stream>__pagesync_staging` (its child tables
+#: `<stream>__pagesync_staging__<field>`), swapped in when the refresh is complete.
+STAGING = "__pagesync_staging"
 #: An append table's extra metadata column: which walk of the partition wrote the row, so a
 #: resumed walk can take back exactly its own uncommitted or re-read rows.
 LOAD = "_pagesync_load"
@@ -406,15 +410,17 @@ class Destination:
         pages: list[tuple[list[dict[str, Any]], list[Any], int]],
         nested: Nested | None = None,
         append: bool = False,
+        table: str | None = None,
     ) -> None:
         """Schema changes for the pages of one checkpoint (records, rejected records, page
         number each), made before the first row where DDL commits the open transaction
         (MySQL/MariaDB): so a checkpoint's rows and its state still commit together. Costs
-        nothing on the other databases, whose DDL is part of the transaction."""
+        nothing on the other databases, whose DDL is part of the transaction. `table`: where
+        the records go when not the stream's own table (a replace stream's staging table)."""
         if self.dialect not in dialects.DDL_COMMITS:
             return
         records = [r for page, _, _ in pages for r in page]
-        parts = self._parts(stream, primary_key, records, nested) if records else []
+        parts = self._parts(table or stream, primary_key, records, nested) if records else []
         for i, (name, key, rows) in enumerate(parts):
             if rows:
                 table = self._load(conn, name, key, append=append and i == 0)
@@ -427,6 +433,71 @@ class Destination:
     def _forget_on_rollback(self, conn: Connection, name: str) -> None:
         """DDL runs in the caller's transaction: if that rolls back, so does our knowledge."""
         event.listen(conn, "rollback", lambda _conn: self.tables.pop(name, None), once=True)
+
+    # -- replace: a staging table swapped in whole ----------------------------------------
+
+    def drop(self, names: list[str]) -> None:
+        """Drop these tables where they exist (an abandoned refresh's staging tables)."""
+        with write_lock(self.engine), self.engine.begin() as conn:
+            for name in names:
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {self.quote(name)}")
+                self.tables.pop(name, None)
+
+    def swap(self, pairs: list[tuple[str, str]]) -> bool:
+        """Replace each live table by its staging table (`(staging, live)` pairs, the
+        stream's table first, then its child tables), all at once: readers see the old
+        tables or the new ones, never a mix. False when there is no staging table of the
+        stream's own (a refresh that found no record): the live tables are kept as they are.
+
+        A child table with no staging table (no record had items) is emptied. PostgreSQL,
+        SQLite and DuckDB do it all in one transaction; MariaDB in one `RENAME TABLE`, which
+        is atomic there (its DDL commits any transaction).
+        """
+        with write_lock(self.engine), self.engine.begin() as conn:
+            have = {n for pair in pairs for n in pair if dialects.table_columns(conn, n)}
+            if pairs[0][0] not in have:
+                return False
+            for name in (n for pair in pairs for n in pair):
+                self.tables.pop(name, None)
+            if self.dialect in dialects.MYSQL:
+                self._rename_mysql(conn, pairs, have)
+            else:
+                self._rename_in_transaction(conn, pairs, have)
+        return True
+
+    def _rename_in_transaction(
+        self, conn: Connection, pairs: list[tuple[str, str]], have: set[str]
+    ) -> None:
+        q = self.quote
+        for staging, live in pairs:
+            if staging not in have:
+                if live in have:
+                    conn.exec_driver_sql(f"DELETE FROM {q(live)}")
+                continue
+            if live in have:
+                conn.exec_driver_sql(f"DROP TABLE {q(live)}")
+            conn.exec_driver_sql(f"ALTER TABLE {q(staging)} RENAME TO {q(live)}")
+            if self.dialect == "postgresql":  # the key's index keeps the staging table's name
+                dialects.rename_primary_key(conn, live, q)
+
+    def _rename_mysql(self, conn: Connection, pairs: list[tuple[str, str]], have: set[str]) -> None:
+        q = self.quote
+        renames: list[str] = []
+        old: list[str] = []
+        for staging, live in pairs:
+            if staging not in have:
+                if live not in have:
+                    continue
+                conn.exec_driver_sql(f"CREATE TABLE {q(staging)} LIKE {q(live)}")
+            if live in have:
+                gone = f"{live}{STAGING}_old"
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {q(gone)}")
+                renames.append(f"{q(live)} TO {q(gone)}")
+                old.append(gone)
+            renames.append(f"{q(staging)} TO {q(live)}")
+        conn.exec_driver_sql(f"RENAME TABLE {', '.join(renames)}")
+        for gone in old:
+            conn.exec_driver_sql(f"DROP TABLE {q(gone)}")
 
     def column_values(self, stream: str, column: str) -> list[Any]:
         """Distinct values of one column (a parent stream's keys), in primary-key order."""

@@ -159,3 +159,18 @@ def table_columns(conn: Connection, name: str) -> dict[str, str] | None:
             if column in cols and "json_valid" in clause.lower():
                 cols[column] = "JSON"
     return cols
+
+
+def rename_primary_key(conn: Connection, table: str, quote: Any) -> None:
+    """PostgreSQL: name a renamed table's primary key `<table>_pkey`, as CREATE TABLE
+    would. Its index is a relation of the schema: left with the staging table's name, the
+    next refresh could not create its staging table."""
+    name = conn.exec_driver_sql(
+        "SELECT conname FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'p'",
+        (quote(table),),
+    ).scalar()
+    wanted = f"{table}_pkey"[:63]
+    if name is not None and name != wanted:
+        conn.exec_driver_sql(
+            f"ALTER TABLE {quote(table)} RENAME CONSTRAINT {quote(name)} TO {quote(wanted)}"
+        )

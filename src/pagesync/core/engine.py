@@ -26,8 +26,9 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import Connection
 
 from . import config as cfg
-from . import crashpoints, mergepatch
-from .destination import Destination
+from . import crashpoints, dialects, mergepatch
+from . import records as records_
+from .destination import STAGING, Destination
 from .errors import (
     ExtractError,
     LeaseLost,
@@ -158,6 +159,12 @@ class StreamRun:
         )
         self.stop = stop or Stop()
         self.stop.runs.add(self)
+        #: replace: the refresh this run belongs to (chosen in `prepare`), and where its
+        #: records go until `swap` puts them in place.
+        self.refresh: str | None = None
+        self.replaces = self.stream.write_disposition == "replace"
+        self.table = f"{stream}{STAGING}" if self.replaces else stream
+        self._keys: list[str] = []
 
     def prepare(
         self, specs: list[PartitionSpec] | None = None, **plan_kw: Any
@@ -167,8 +174,71 @@ class StreamRun:
         if specs is None:
             specs = plan(self.stream, parent_values=self.parent_values, **plan_kw)
         crashpoints.reached("plan")
-        self.store.ensure(self.name, self.scope, [s.key for s in specs])
+        self._keys = [s.key for s in specs]
+        self.store.ensure(self.name, self.scope, self._keys)
+        if self.replaces:
+            if self.scope:
+                raise PagesyncError(
+                    f"stream {self.name}: write_disposition: replace refreshes the whole "
+                    "table; a backfill of a range cannot replace it (use merge or append)"
+                )
+            self.refresh = self._choose_refresh()
         return specs
+
+    # -- replace ------------------------------------------------------------------------
+
+    def _pairs(self) -> list[tuple[str, str]]:
+        """(staging, live) for the stream's table and each of its child tables."""
+        return [(self.table, self.name)] + [
+            (f"{self.table}{records_.SEP}{f}", f"{self.name}{records_.SEP}{f}")
+            for f in self.stream.nested.child_tables
+        ]
+
+    def _choose_refresh(self) -> str:
+        """The refresh this run continues, or a new one.
+
+        A partition's state names the refresh its walk belongs to. A refresh is unfinished
+        while one of its partitions is not complete, or while its staging table waits to
+        be swapped in (all complete, killed before the swap): this run continues it, so a
+        crash costs no page. Otherwise the last refresh was swapped in, and a new one
+        starts with an empty staging table.
+        """
+        rows = {p["partition"]: p for p in self.store.partitions(self.name, self.scope)}
+        mine = [rows[k] for k in self._keys if k in rows]
+        if not self.full_refresh:
+            open_ = [p["state"]["refresh"] for p in mine
+                     if p["state"].get("refresh") and p["status"] != COMPLETE]  # fmt: skip
+            if open_:
+                return str(open_[0])
+            ids = {p["state"].get("refresh") for p in mine}
+            if len(ids) == 1 and None not in ids and self._staged():
+                return str(ids.pop())
+        self.destination.drop([staging for staging, _ in self._pairs()])
+        return uuid.uuid4().hex[:12]
+
+    def _staged(self) -> bool:
+        with self.destination.engine.connect() as conn:
+            return bool(dialects.table_columns(conn, self.table))
+
+    def swap(self) -> bool:
+        """replace: when every partition of the refresh is complete, put its staging tables
+        in place of the live ones (one transaction; see `Destination.swap`). The flow calls
+        this once its partitions have ended; False when there is nothing to swap yet."""
+        if not self.replaces or self.refresh is None:
+            return False
+        rows = {p["partition"]: p for p in self.store.partitions(self.name, self.scope)}
+        for key in self._keys:
+            row = rows.get(key)
+            if row is None or row["status"] != COMPLETE or row["state"].get("refresh") != self.refresh:
+                return False
+        crashpoints.reached("before_swap")
+        swapped = self.destination.swap(self._pairs())
+        if swapped:
+            log.info("stream %s: refresh %s swapped in", self.name, self.refresh)
+        else:
+            log.warning("stream %s: refresh %s found no records; the table is kept as it was",
+                        self.name, self.refresh)  # fmt: skip
+        return swapped
 
     def parent_values(self, p: cfg.ParentPartitions) -> list[Any]:
         """The parent stream's key values, read from its destination table."""
@@ -193,7 +263,11 @@ class PartitionRun:
         self.key = spec.key
         self.stream = run.stream
         self.cursor_field = run.stream.cursor.field if run.stream.cursor else None
-        self.appends = run.stream.write_disposition == "append"
+        #: Rows inserted with a load id (see `_generation`): append streams, and replace
+        #: streams without a primary key.
+        self.appends = run.stream.write_disposition == "append" or (
+            run.replaces and not run.stream.primary_key
+        )
         self.lease: Lease | None = None
         self.outcome = PartitionOutcome(spec.key, RUNNING)
         self.warned = False
@@ -217,7 +291,7 @@ class PartitionRun:
         config_start = cursor_spec.start if cursor_spec else None
         grew = self.spec.window_end is not None and self.spec.window_end > st.get("window_end", "")
         resumed: str | None = None
-        if run.full_refresh:
+        if run.full_refresh or st.get("refresh") != run.refresh:  # replace: a new refresh
             new = self._generation(config_start)
             if lease.status != COMPLETE:  # an unfinished walk: this one replaces it
                 self._forget_rewritten(st, everything=True)
@@ -225,7 +299,7 @@ class PartitionRun:
             incremental = (
                 cursor_spec is not None and cursor_spec.param and self.spec.window_end is None
             )
-            if not (incremental or grew):
+            if run.refresh is not None or not (incremental or grew):
                 self._release_untouched()
                 self.outcome = self._outcome(COMPLETE, skipped=True)
                 return False
@@ -278,6 +352,8 @@ class PartitionRun:
         walk = {"start": start, "resume": start, "page": 0, "sorted": True}
         if self.appends:
             walk["load"] = uuid.uuid4().hex
+        if self.run.refresh is not None:
+            walk["refresh"] = self.run.refresh
         return walk
 
     def _forget_rewritten(
@@ -292,7 +368,7 @@ class PartitionRun:
         at = (self.cursor_field, st["cursor"]) if cursor and self.cursor_field else None
         dest = self.run.destination
         with write_lock(dest.engine), dest.engine.begin() as conn:
-            n = dest.forget_load(conn, self.run.name, self.key, load, from_page, at)
+            n = dest.forget_load(conn, self.run.table, self.key, load, from_page, at)
         if n:
             log.info("stream %s partition %s: %d appended rows to write again taken back",
                      self.run.name, self.key, n)  # fmt: skip
@@ -485,7 +561,7 @@ class PartitionRun:
         if rejected:
             run.destination.write_rejected(conn, run.name, rejected, partition=self.key, page=page)
         return run.destination.write(
-            conn, run.name, self.stream.primary_key, records, partition=self.key, page=page,
+            conn, run.table, self.stream.primary_key, records, partition=self.key, page=page,
             nested=self.stream.nested, load=self._position.get("load") if self.appends else None,
         )  # fmt: skip
 
@@ -502,7 +578,7 @@ class PartitionRun:
             if run.same_db:
                 run.destination.prepare(
                     conn, run.name, self.stream.primary_key, self._pending,
-                    self.stream.nested, append=self.appends,
+                    self.stream.nested, append=self.appends, table=run.table,
                 )  # fmt: skip
                 for records, rejected, page in self._pending:
                     self._upsert(conn, records, rejected, page)

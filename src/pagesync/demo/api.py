@@ -630,6 +630,17 @@ class DemoAPI:
                 self._records[item_id] = _Record(self._latest, item, orjson.dumps(item))
             self._data = _Snapshot(self._records.values())
 
+    def delete_items(self, ids: Iterable[int]) -> None:
+        """Remove these items: they are gone from every stream (deleted upstream)."""
+        wanted = list(ids)
+        with self._lock:
+            missing = [i for i in wanted if i not in self._records]
+            if missing:
+                raise ValueError(f"unknown item ids: {missing}")
+            for item_id in wanted:
+                del self._records[item_id]
+            self._data = _Snapshot(self._records.values())
+
     def _store(self, items: list[Item]) -> None:
         """Serialize new items once and advance the id and timestamp high-water marks."""
         for item in items:
