@@ -170,6 +170,11 @@ class StreamRun:
         self, specs: list[PartitionSpec] | None = None, **plan_kw: Any
     ) -> list[PartitionSpec]:
         """Migrate the store (once, before any partition) and register the partitions."""
+        if self.replaces and self.scope:
+            raise PagesyncError(
+                f"stream {self.name}: write_disposition: replace refreshes the whole table; "
+                "a backfill of a range cannot replace it (use merge or append)"
+            )
         self.store.migrate()
         if specs is None:
             specs = plan(self.stream, parent_values=self.parent_values, **plan_kw)
@@ -177,11 +182,6 @@ class StreamRun:
         self._keys = [s.key for s in specs]
         self.store.ensure(self.name, self.scope, self._keys)
         if self.replaces:
-            if self.scope:
-                raise PagesyncError(
-                    f"stream {self.name}: write_disposition: replace refreshes the whole "
-                    "table; a backfill of a range cannot replace it (use merge or append)"
-                )
             self.refresh = self._choose_refresh()
         return specs
 
@@ -229,7 +229,11 @@ class StreamRun:
         rows = {p["partition"]: p for p in self.store.partitions(self.name, self.scope)}
         for key in self._keys:
             row = rows.get(key)
-            if row is None or row["status"] != COMPLETE or row["state"].get("refresh") != self.refresh:
+            if (
+                row is None
+                or row["status"] != COMPLETE
+                or row["state"].get("refresh") != self.refresh
+            ):
                 return False
         crashpoints.reached("before_swap")
         swapped = self.destination.swap(self._pairs())

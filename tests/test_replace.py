@@ -1,0 +1,166 @@
+"""write_disposition: replace: every run a full refresh into a staging table, swapped in
+whole once every partition is complete. Real `pagesync run` processes, killed with SIGKILL
+midway; the live table is read between the runs, as a reader would."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ENGINES, STREAMS, database_url, run_cli, write_config
+from helpers import rows
+from sqlalchemy import create_engine, inspect
+
+from pagesync.demo.api import DemoAPI
+
+STAGING = "items__pagesync_staging"
+
+
+def replace_stream(**extra: Any) -> dict[str, Any]:
+    """The datasette-shaped stream, 500 records a page, its tags in a child table."""
+    return {
+        **STREAMS["next_url"], "params": {"_size": 500}, "write_disposition": "replace",
+        "nested": {"child_tables": ["tags"]}, **extra,
+    }  # fmt: skip
+
+
+def snapshot(db: str) -> dict[int, str]:
+    """The live table as a reader sees it: id -> updated_at."""
+    return {r["id"]: r["updated_at"] for r in rows(db, "items")}
+
+
+def upstream(api: DemoAPI) -> dict[int, str]:
+    return {i["id"]: i["updated_at"] for i in api.items}
+
+
+def tables(db: str) -> set[str]:
+    engine = create_engine(db)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def tag_rows(db: str) -> Counter[int]:
+    """How many tags each record has in the live child table."""
+    return Counter(r["_parent_id"] for r in rows(db, "items__tags"))
+
+
+def change_upstream(api: DemoAPI) -> None:
+    """Records deleted, changed and added at the source between two refreshes."""
+    api.delete_items(range(1, 101))
+    api.touch_items(range(101, 111))
+    api.add_items(30)
+
+
+def run(path: Path, **env: str) -> None:
+    result = run_cli("run", "items", "-c", str(path), **env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_refresh_killed_midway_leaves_the_old_table_whole_and_its_resume_swaps_in_the_new(
+    tmp_path: Path, api: DemoAPI, engine: str, request: pytest.FixtureRequest
+) -> None:
+    db = database_url(engine, request, tmp_path)
+    path = write_config(tmp_path, api.url, {"items": replace_stream()}, state=db)
+    run(path)
+    old = snapshot(db)
+    assert old == upstream(api)
+    old_tags = tag_rows(db)
+    assert sum(old_tags.values()) == sum(len(i["tags"]) for i in api.items)
+
+    change_upstream(api)
+    killed = run_cli("run", "items", "-c", str(path), PAGESYNC_CRASH_AT="after_commit:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert STAGING in tables(db)  # two pages of the new refresh are there
+    assert snapshot(db) == old, "a reader saw a partial table"
+    assert tag_rows(db) == old_tags
+
+    api.clear_requests()
+    run(path)
+    assert snapshot(db) == upstream(api), "the resumed refresh is not what the API holds"
+    assert not {1, 100} & set(snapshot(db))  # deleted upstream: gone
+    assert tag_rows(db) == Counter({i["id"]: len(i["tags"]) for i in api.items})
+    assert not {t for t in tables(db) if "pagesync_staging" in t}
+    first = api.requests[0]["query"]
+    assert "updated_at__gte" in first  # resumed from the committed cursor, not page 1
+
+
+def test_a_failed_partition_keeps_the_live_table_and_the_next_run_resumes_the_refresh(
+    tmp_path: Path, api: DemoAPI
+) -> None:
+    db = f"sqlite:///{tmp_path / 'p.db'}"
+    spec = {
+        **STREAMS["cursor"], "path": "/categories/{value}/items", "params": {"limit": 100},
+        "write_disposition": "replace",
+        "partitions": {"type": "list", "values": ["books", "games", "music", "tools"]},
+    }  # fmt: skip
+    path = write_config(tmp_path, api.url, {"items": spec}, state=db)
+    run(path)
+    old = snapshot(db)
+    change_upstream(api)
+    api.add_fault(kind="status", status=400, after=2, times=-1, path="/categories/games/items")
+    failed = run_cli("run", "items", "-c", str(path))
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert snapshot(db) == old, "a failed refresh changed the live table"
+    assert STAGING in tables(db)
+
+    api.clear_faults()
+    api.clear_requests()
+    run(path)
+    assert snapshot(db) == upstream(api)
+    asked = {r["path"] for r in api.requests}
+    assert asked == {"/categories/games/items"}, "complete partitions of the refresh read again"
+
+
+def test_killed_just_before_the_swap_the_next_run_only_swaps(tmp_path: Path, api: DemoAPI) -> None:
+    db = f"sqlite:///{tmp_path / 'p.db'}"
+    path = write_config(tmp_path, api.url, {"items": replace_stream()}, state=db)
+    run(path)
+    old = snapshot(db)
+    change_upstream(api)
+    killed = run_cli("run", "items", "-c", str(path), PAGESYNC_CRASH_AT="before_swap:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert snapshot(db) == old
+    api.clear_requests()
+    run(path)
+    assert not api.requests, "a complete refresh was fetched again"
+    assert snapshot(db) == upstream(api)
+    run(path)  # a new refresh, the same data
+    assert snapshot(db) == upstream(api) and len(api.requests) > 0
+
+
+@pytest.mark.parametrize("point", ["in_commit"])
+def test_without_a_primary_key_a_resumed_refresh_lands_every_record_once(
+    tmp_path: Path, api: DemoAPI, point: str
+) -> None:
+    """No key to merge by in the staging table: rows carry the walk's load id, and a
+    resume takes back what it writes again (the append mechanism)."""
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    dest = f"sqlite:///{tmp_path / 'dest.db'}"
+    spec = {k: v for k, v in replace_stream().items() if k not in ("primary_key", "nested")}
+    path = write_config(tmp_path, api.url, {"items": spec}, state=state, destination=dest)
+    run(path)
+    change_upstream(api)
+    killed = run_cli("run", "items", "-c", str(path), PAGESYNC_CRASH_AT=f"{point}:3")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    run(path)
+    got = Counter(r["id"] for r in rows(dest, "items"))
+    assert set(got) == set(upstream(api)) and set(got.values()) == {1}
+
+
+def test_replace_needs_no_primary_key_and_a_backfill_is_refused(
+    tmp_path: Path, api: DemoAPI
+) -> None:
+    spec = {k: v for k, v in replace_stream().items() if k not in ("primary_key", "nested")}
+    path = write_config(tmp_path, api.url, {"items": spec})
+    assert run_cli("check", "-c", str(path)).returncode == 0
+    result = run_cli(
+        "backfill", "items", "-c", str(path), "--start", "2024-01-01", "--end", "2024-01-02"
+    )
+    assert result.returncode == 1
+    assert "stream items: write_disposition: replace" in result.stderr + result.stdout
