@@ -22,8 +22,8 @@ from sqlalchemy.engine import Connection
 from . import dialects
 from . import records as records_
 from .dbapi import run_on_driver
-from .store import write_lock
 from .errors import ExtractError
+from .store import write_lock
 
 if TYPE_CHECKING:
     from .config import Nested
