@@ -157,6 +157,7 @@ def _summary_artifact(
             "first cursor": "" if o.first_cursor is None else str(o.first_cursor),
             "last cursor": "" if o.last_cursor is None else str(o.last_cursor),
             "resumed from": o.resumed_from or "",
+            "taken over": o.taken_over or "",
             "error": o.error or "",
         }
         for o in outcomes

@@ -62,6 +62,8 @@ def partition_task(
             part.outcome.resumed_from, part.next_page, lease.pages, lease.records,
             lease.state.get("resume"),
         )  # fmt: skip
+        if part.outcome.taken_over:
+            line += f"; left running by a runner that is gone ({part.outcome.taken_over})"
         story.info("%s · %s: %s", stream, partition, line)
 
     def ended() -> None:

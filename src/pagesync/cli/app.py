@@ -226,7 +226,8 @@ def state_show(
     colors = {"complete": "green", "incomplete": "red", "running": "yellow", "pending": "dim"}
     for v in views:
         part = v.partition if not v.scope else f"{v.partition} [dim]({escape(v.scope)})[/dim]"
-        status = f"[{colors.get(v.status, 'white')}]{v.status}[/]"
+        color = "red" if v.holder_dead_since else colors.get(v.status, "white")
+        status = f"[{color}]{v.shown_status}[/]"
         run = v.flow_run_id or ""
         table.add_row(
             v.stream, part, status, escape("" if v.cursor is None else str(v.cursor)),

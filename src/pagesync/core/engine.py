@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from itertools import islice
 from typing import Any, Protocol
 
@@ -53,6 +54,7 @@ from .store import (
     write_lock,
 )
 from .streams import user_code
+from .views import holder_dead_since
 
 log = logging.getLogger("pagesync")
 
@@ -114,6 +116,8 @@ class PartitionOutcome:
     new_records: int = 0
     #: Records the stream's model refused (kept in the `<stream>__rejected` table).
     rejected: int = 0
+    #: The partition was left running by a runner that is gone, and this run took it over.
+    taken_over: str | None = None
 
 
 class Observer(Protocol):
@@ -165,6 +169,8 @@ class StreamRun:
         self.replaces = self.stream.write_disposition == "replace"
         self.table = f"{stream}{STAGING}" if self.replaces else stream
         self._keys: list[str] = []
+        #: Partitions left running by a runner that is gone: when it was last alive.
+        self.orphaned: dict[str, datetime] = {}
 
     def prepare(
         self, specs: list[PartitionSpec] | None = None, **plan_kw: Any
@@ -183,6 +189,11 @@ class StreamRun:
         self.store.ensure(self.name, self.scope, self._keys)
         if self.replaces:
             self.refresh = self._choose_refresh()
+        self.orphaned = {
+            row["partition"]: since
+            for row in self.store.partitions(self.name, self.scope)
+            if (since := holder_dead_since(row)) is not None
+        }
         return specs
 
     # -- replace ------------------------------------------------------------------------
@@ -337,9 +348,11 @@ class PartitionRun:
         new = {k: v for k, v in new.items() if v is not None}
         patch = mergepatch.diff(st, new)
         run.store.commit(lease, patch=patch, status=RUNNING)
+        dead = run.orphaned.get(self.key)
         self.outcome = PartitionOutcome(
-            self.key, RUNNING, first_cursor=new.get("first_cursor"), resumed_from=resumed
-        )
+            self.key, RUNNING, first_cursor=new.get("first_cursor"), resumed_from=resumed,
+            taken_over=f"holder dead since {dead:%Y-%m-%d %H:%M:%S}" if dead else None,
+        )  # fmt: skip
         self._base = self._base_request(new)
         self._position = new
         return True
@@ -642,6 +655,7 @@ class PartitionRun:
             pages=lease.pages if lease else 0, records=lease.records if lease else 0,
             first_cursor=st.get("first_cursor"), last_cursor=st.get("cursor"),
             resumed_from=self.outcome.resumed_from, new_pages=new_pages, new_records=new_records,
+            taken_over=self.outcome.taken_over,
             rejected=st.get("rejected", 0),
             **kw,
         )  # fmt: skip

@@ -6,12 +6,13 @@ the two can never disagree.
 
 from __future__ import annotations
 
-from datetime import datetime
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
 
-from .store import Store
+from .store import RUNNING, Store, lease_is_free, owner_id
 
 
 class PartitionView(BaseModel):
@@ -28,6 +29,19 @@ class PartitionView(BaseModel):
     error: str | None = None
     #: The flow run that committed the partition's latest page.
     flow_run_id: str | None = None
+    #: The runner holding the partition's lease (host:pid:flow run), while it is running.
+    holder: str | None = None
+    #: A running partition whose holder is gone (its lease expired, or its process on this
+    #: host is dead): when it was last known alive. Nothing runs the partition; the next
+    #: run takes it over and resumes it.
+    holder_dead_since: datetime | None = None
+
+    @property
+    def shown_status(self) -> str:
+        """The status for people: `running` only while something runs it."""
+        if self.holder_dead_since is None:
+            return self.status
+        return f"running, holder dead since {self.holder_dead_since:%Y-%m-%d %H:%M:%S}"
 
 
 class PageView(BaseModel):
@@ -41,8 +55,32 @@ class PageView(BaseModel):
     task_run_id: str | None = None
 
 
+def holder_dead_since(row: dict[str, Any], now: float | None = None) -> datetime | None:
+    """For a running partition whose lease holder is gone, when it was last known alive:
+    the lease's expiry if it expired, else (a dead process on this host, as the lease
+    rules tell it) its last commit. None while the holder may be alive."""
+    if row["status"] != RUNNING:
+        return None
+    now = time.time() if now is None else now
+    owner, expires = row["lease_owner"], row["lease_expires"]
+    if owner and expires is not None and expires > now:
+        # Asked as a runner of this host that holds nothing: only a dead holder is free.
+        if not lease_is_free(owner, expires, f"{owner_id().partition(':')[0]}:0:-", now):
+            return None  # alive, or on another host and within its lease
+        return _aware(row["updated_at"])
+    if expires is not None:
+        return datetime.fromtimestamp(expires, UTC)
+    return _aware(row["updated_at"])
+
+
+def _aware(stamp: datetime) -> datetime:
+    """Stamps are UTC; SQLite gives them back without their zone."""
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+
+
 def partition_views(store: Store, stream: str | None = None) -> list[PartitionView]:
     last_runs = store.last_flow_runs(stream)
+    now = time.time()
     return [
         PartitionView(
             stream=row["stream"],
@@ -56,6 +94,8 @@ def partition_views(store: Store, stream: str | None = None) -> list[PartitionVi
             updated_at=row["updated_at"],
             error=row["error"],
             flow_run_id=last_runs.get((row["stream"], row["scope"], row["partition"])),
+            holder=row["lease_owner"] if row["status"] == RUNNING else None,
+            holder_dead_since=holder_dead_since(row, now),
         )
         for row in store.partitions(stream, scope=None)
     ]
