@@ -181,7 +181,7 @@ def one_error_line(output: str, *needles: str) -> str:
 CHECK_ERRORS = {
     "records_path": (
         {**spec("header_cursor"), "records": "items"},
-        ("records path 'items' not found", "it holds keys data"),
+        ("records: 'items' not found", "it holds keys data"),
     ),
     "has_more_path": (
         {**spec("stripe"), "paginator": {"type": "last_record", "has_more": "meta.has_more"}},
@@ -190,7 +190,20 @@ CHECK_ERRORS = {
     "graphql_error": (
         {**spec("graphql_edges"), "paginator": {**spec("graphql_edges")["paginator"],
                                                 "query": "{ orders { nodes { id } } }"}},
-        ("GraphQL error: Cannot query field",),
+        ("paginator.query: the API answered a GraphQL error: Cannot query field",),
+    ),
+    "total_path": (
+        {**spec("drf_total"), "paginator": {"type": "page_number", "total": "meta.count"}},
+        ("paginator.total: 'meta.count' not found", "count, next, previous, results"),
+    ),
+    "connection_path": (
+        {**spec("graphql_edges"), "paginator": {**spec("graphql_edges")["paginator"],
+                                                "connection": "data.orders"}},
+        ("paginator.connection: 'data.orders' not found", "items at 'data'"),
+    ),
+    "cursor_field": (
+        {**spec("header_cursor"), "cursor": {"field": "modified", "param": "since"}},
+        ("cursor.field: 'modified' is in none of the page's records", "it holds keys id, name"),
     ),
     "body_not_json": (
         {**spec("notion"), "body": '{"page_size": 200'},
@@ -220,7 +233,15 @@ RUN_ERRORS = {
     ),
     "graphql_failure": (
         spec("graphql_edges"),
-        ("GraphQL error: Internal server error",),
+        ("paginator.query: the API answered a GraphQL error: Internal server error",),
+    ),
+    "records_path": (
+        {**spec("header_cursor"), "records": "items"},
+        ("records: 'items' not found", "it holds keys data"),
+    ),
+    "has_more_path": (
+        {**spec("stripe"), "paginator": {"type": "last_record", "has_more": "meta.has_more"}},
+        ("paginator.has_more: 'meta.has_more' not found", "object, data, has_more"),
     ),
 }  # fmt: skip
 

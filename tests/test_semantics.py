@@ -120,7 +120,7 @@ def test_failing_partitions_do_not_stop_others_and_all_errors_are_reported(
         and "HTTP 503" in text
         and "/categories/games/items" in text
     )
-    assert "partition music, page 2" in text and "records path 'data.items' not found" in text
+    assert "partition music, page 2" in text and "records: 'data.items' not found" in text
     assert "last committed cursor" in text
     parts = {p["partition"]: p for p in partition_rows(db(tmp_path), "cats")}
     assert parts["books"]["status"] == parts["tools"]["status"] == "complete"

@@ -350,8 +350,9 @@ def check(config: ConfigOpt = None) -> None:
     """Validate the config, import its Python streams and models, read each stream's first page.
 
     Exit 2 when the config or its code is wrong, or a first page contradicts it (records
-    path, has_more, total, GraphQL errors); 1 when a source does not answer."""
+    path, has_more, total, cursor field, GraphQL errors); 1 when a source does not answer."""
     from ..core.errors import ExtractError
+    from ..core.extract import cursor_values
     from ..core.http import SourceClient
     from ..core.paginators import base_request
     from ..core.streams import Declarative, user_code
@@ -387,7 +388,9 @@ def check(config: ConfigOpt = None) -> None:
             # GraphQL error the response contradicts is the config's to fix (exit 2).
             if isinstance(reader, Declarative):
                 try:
-                    reader.parse(response, reader.first())
+                    parsed = reader.parse(response, reader.first())
+                    if stream.cursor is not None:
+                        cursor_values(parsed.records, stream.cursor.field)
                 except ExtractError as e:
                     e.url = client.redact(response.url)
                     shape += not e.transient

@@ -38,7 +38,7 @@ from .errors import (
     PaginationLoop,
     Stopped,
 )
-from .extract import ABSENT, dig, found_instead, values_at
+from .extract import cursor_values
 from .http import RateLimiter, SourceClient
 from .paginators import PageRequest, Token, base_request
 from .partitions import PartitionSpec, plan
@@ -506,14 +506,8 @@ class PartitionRun:
 
     def _track_cursor(self, records: list[dict[str, Any]]) -> None:
         pos, field_ = self._position, self.cursor_field
-        values = values_at(records, field_)
+        values = cursor_values(records, field_)
         if not values:
-            if all(dig(r, field_, ABSENT) is ABSENT for r in records):
-                raise ExtractError(
-                    f"cursor.field: {field_!r} is in none of the page's records "
-                    f"({found_instead(records[0], field_)} in the first)",
-                    transient=False,
-                )
             return
         prev = pos.get("cursor")
         try:

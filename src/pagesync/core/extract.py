@@ -69,6 +69,19 @@ def values_at(records: list[Any], path: str) -> list[Any]:
     return [v for v in (dig(r, path, None) for r in records) if v is not None]
 
 
+def cursor_values(records: list[Any], field: str) -> list[Any]:
+    """The page's cursor values; a field none of the records has is the config's error
+    (a typo in `cursor.field`), not a page without values."""
+    values = values_at(records, field)
+    if not values and records and all(dig(r, field, ABSENT) is ABSENT for r in records):
+        raise ExtractError(
+            f"cursor.field: {field!r} is in none of the page's records "
+            f"({found_instead(records[0], field)} in the first)",
+            transient=False,
+        )
+    return values
+
+
 def parse_body(content: bytes, content_type: str | None = None) -> Any:
     """Parse a JSON body; an empty, HTML or broken body is an ExtractError (worth a retry)."""
     if not content or content.isspace():  # not strip(): that copies the body
@@ -87,7 +100,7 @@ def records_at(body: Any, path: str | None) -> list[dict[str, Any]]:
         found = dig(body, path)
     except KeyError as e:
         raise ExtractError(
-            f"records path {path!r} not found in response body (missing key {e.args[0]!r}; "
+            f"records: {path!r} not found in the response (missing key {e.args[0]!r}; "
             f"{found_instead(body, path)})",
             transient=False,
         ) from None
@@ -95,9 +108,13 @@ def records_at(body: Any, path: str | None) -> list[dict[str, Any]]:
         return []
     if not isinstance(found, list):
         raise ExtractError(
-            f"records path {path or '(body)'!r} holds {type(found).__name__}, not a list",
+            f"records: {path or '(body)'!r} holds {type(found).__name__}, not a list",
             transient=False,
         )
     if found and not isinstance(found[0], dict):
-        raise ExtractError(f"records at {path or '(body)'!r} are not JSON objects", transient=False)
+        raise ExtractError(
+            f"records: {path or '(body)'!r} holds a list of {type(found[0]).__name__}, "
+            "not JSON objects",
+            transient=False,
+        )
     return found

@@ -232,7 +232,8 @@ def graphql_error(errors: Any) -> ExtractError:
     throttled = any(word in said for word in _THROTTLED)
     more = f" (and {len(errors) - 1} more)" if isinstance(errors, list) and len(errors) > 1 else ""
     return ExtractError(
-        f"GraphQL error: {str(message)[:200]}{f' [{code}]' if code else ''}{more}",
+        f"paginator.query: the API answered a GraphQL error: "
+        f"{str(message)[:200]}{f' [{code}]' if code else ''}{more}",
         transient=throttled,
     )
 
