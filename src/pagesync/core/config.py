@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import dialects
 from .errors import ConfigError
 
 DEFAULT_CONFIG = "pagesync.yaml"
@@ -406,6 +407,25 @@ class Config(Model):
             p = stream.partitions
             if isinstance(p, ParentPartitions) and p.stream not in self.streams:
                 raise ValueError(f"streams.{name}.partitions.stream: unknown stream {p.stream!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _table_names_fit(self) -> Config:
+        """MySQL/MariaDB refuse names over 64 characters: a stream whose tables would have
+        one is refused here, before any page is read."""
+        dialect = self.destination_url.split(":", 1)[0].split("+", 1)[0]
+        for name, stream in self.streams.items():
+            bases = (
+                [name, f"{name}__pagesync_staging"]
+                if stream.write_disposition == "replace"
+                else [name]
+            )
+            tables = [f"{name}__rejected", *bases]
+            tables += [f"{t}__{field}" for t in bases for field in stream.nested.child_tables]
+            hint = " or nested.child_tables" if stream.nested.child_tables else ""
+            for table in tables:
+                if why := dialects.too_long(dialect, table):
+                    raise ValueError(f"streams.{name}: its table {why} (shorten the name{hint})")
         return self
 
     @property

@@ -136,6 +136,14 @@ class Destination:
                 raise ExtractError(
                     f"primary key field {key!r} is missing from the records", transient=False
                 )
+        for name in missing if table.columns else [table.name, *missing]:
+            if why := dialects.too_long(self.dialect, name):
+                what = "table" if name == table.name and not table.columns else "field"
+                raise ExtractError(
+                    f"{what} {why} (table {table.name}); rename it with a model, or choose "
+                    "shorter names (stream, nested.child_tables, nested.flatten)",
+                    transient=False,
+                )
         types = column_types(records, missing, self.dialect)
         self._forget_on_rollback(conn, table.name)
         if not table.columns:

@@ -28,6 +28,21 @@ DDL_COMMITS = MYSQL
 MYSQL_KEY_CHARS = 255
 
 
+#: MySQL/MariaDB refuse table and column names longer than this (in characters).
+MYSQL_NAME_CHARS = 64
+
+
+def too_long(dialect: str, name: str) -> str | None:
+    """Why `name` cannot name a table or column there, None when it can. pagesync does not
+    shorten names (a shortened name is one nobody would find): it says which and where."""
+    if dialect in MYSQL and len(name) > MYSQL_NAME_CHARS:
+        return (
+            f"{name!r} is {len(name)} characters; MySQL/MariaDB names hold at most "
+            f"{MYSQL_NAME_CHARS}"
+        )
+    return None
+
+
 def is_mysql(dialect: str) -> bool:
     return dialect in MYSQL
 
