@@ -618,9 +618,7 @@ class DemoAPI:
         """Give these items one new, latest updated_at: they move to the end of every stream."""
         wanted = list(ids)
         with self._lock:
-            missing = [i for i in wanted if i not in self._records]
-            if missing:
-                raise ValueError(f"unknown item ids: {missing}")
+            self._known(wanted)
             if not wanted:
                 return
             self._latest += self._step
@@ -634,12 +632,15 @@ class DemoAPI:
         """Remove these items: they are gone from every stream (deleted upstream)."""
         wanted = list(ids)
         with self._lock:
-            missing = [i for i in wanted if i not in self._records]
-            if missing:
-                raise ValueError(f"unknown item ids: {missing}")
+            self._known(wanted)
             for item_id in wanted:
                 del self._records[item_id]
             self._data = _Snapshot(self._records.values())
+
+    def _known(self, ids: list[int]) -> None:
+        missing = [i for i in ids if i not in self._records]
+        if missing:
+            raise ValueError(f"unknown item ids: {missing}")
 
     def _store(self, items: list[Item]) -> None:
         """Serialize new items once and advance the id and timestamp high-water marks."""
