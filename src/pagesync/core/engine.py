@@ -38,6 +38,7 @@ from .errors import (
 )
 from .extract import ABSENT, dig, found_instead, values_at
 from .http import RateLimiter, SourceClient
+from .keeper import KEEPER
 from .paginators import PageRequest, Token, base_request
 from .partitions import PartitionSpec, plan
 from .store import (
@@ -149,7 +150,7 @@ class StreamRun:
         limiter = RateLimiter(self.source.rate_limit.per_second) if self.source.rate_limit else None
         self.client = client or SourceClient(self.source, limiter=limiter)
         self.reader, self.model = user_code(config, stream)
-        self.store = Store(config.state)
+        self.store = Store(config.state, lease_ttl=self.source.lease_ttl)
         self.same_db = config.destination_url == config.state
         self.destination = Destination(engine_for(config.destination_url))
         self.owner = owner_id(flow_run_id)
@@ -617,9 +618,11 @@ def run_partition(
     if not opened:
         part._notify()
         return part.outcome
+    assert part.lease is not None
     try:
-        while not part.done:
-            page_runner(part, part.next_page)
+        with KEEPER.holding(part.run.store, part.lease):
+            while not part.done:
+                page_runner(part, part.next_page)
     except BaseException as exc:
         part.fail(exc)
         raise
