@@ -29,12 +29,18 @@ from uuid import UUID
 
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+    TaskRunFilterState,
+    TaskRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
 from prefect.futures import wait
-from prefect.states import Cancelling, Crashed
+from prefect.states import Cancelled, Cancelling, Completed, Crashed, Failed
 from prefect.utilities.urls import url_for
 
 from pagesync.core.config import Config, load_config
@@ -243,6 +249,7 @@ class FanOut:
                     continue
                 self._crash(client, child, f"no live lease for {grace:g} s")
             child.final = True
+            self._settle_parent_task_run(client, fr, child)
             left = [k for k in child.keys if not self._settled(rows[k]) and k not in self.given_up]
             # Partitions given to a later child since are that child's concern.
             left = [k for k in left if self._last_child(k) is child]
@@ -273,8 +280,32 @@ class FanOut:
         try:
             client.set_flow_run_state(child.id, Crashed(message=message), force=True)
             child.state = "CRASHED"
+            # Its task runs were Running in the dead process: they crashed with it.
+            left = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[child.id])),
+                task_run_filter=TaskRunFilter(
+                    state=TaskRunFilterState(
+                        type=TaskRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
+                    )
+                ),
+            )
+            for tr in left:
+                client.set_task_run_state(tr.id, Crashed(message=message), force=True)
         except Exception:
             log.warning("marking flow run %s Crashed failed", child.id, exc_info=True)
+
+    def _settle_parent_task_run(self, client: Any, fr: FlowRun | None, child: _Child) -> None:
+        """The task run that stands for the child in this flow run (run_deployment makes it
+        Pending, and nothing moves it on) ends as the child did."""
+        if fr is None or fr.parent_task_run_id is None:
+            return
+        state = {
+            "COMPLETED": Completed, "FAILED": Failed, "CANCELLED": Cancelled,
+        }.get(child.state, Crashed)(message=f"flow run {child.id} ended {child.state}")  # fmt: skip
+        try:
+            client.set_task_run_state(fr.parent_task_run_id, state, force=True)
+        except Exception:
+            log.debug("settling the task run of flow run %s failed", child.id, exc_info=True)
 
     def _cancel_children(self) -> None:
         """The coordinator is stopped or cancelled: so are its children still running."""
