@@ -134,6 +134,7 @@ class _Child:
     alive_at: float
     state: str = "SCHEDULED"
     final: bool = False
+    crashed_by_us: bool = False
 
 
 @dataclass
@@ -173,6 +174,9 @@ class FanOut:
                     if all(c.final for c in self.children):
                         break
                     time.sleep(POLL)
+                for child in self.children:
+                    if child.crashed_by_us:
+                        self._crash_task_runs(client, child)
                 for child in self.children:
                     for k in child.keys:
                         ran_in[k] = str(child.id)
@@ -280,19 +284,26 @@ class FanOut:
         try:
             client.set_flow_run_state(child.id, Crashed(message=message), force=True)
             child.state = "CRASHED"
-            # Its task runs were Running in the dead process: they crashed with it.
-            left = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[child.id])),
-                task_run_filter=TaskRunFilter(
-                    state=TaskRunFilterState(
-                        type=TaskRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
-                    )
-                ),
-            )
-            for tr in left:
-                client.set_task_run_state(tr.id, Crashed(message=message), force=True)
+            child.crashed_by_us = True
+            self._crash_task_runs(client, child)
         except Exception:
             log.warning("marking flow run %s Crashed failed", child.id, exc_info=True)
+
+    def _crash_task_runs(self, client: Any, child: _Child) -> None:
+        """Its task runs were Running in the dead process: they crashed with it. Done again
+        when the run ends, for state changes the server recorded late (they are events)."""
+        left = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[child.id])),
+            task_run_filter=TaskRunFilter(
+                state=TaskRunFilterState(
+                    type=TaskRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
+                )
+            ),
+        )
+        for tr in left:
+            client.set_task_run_state(
+                tr.id, Crashed(message="pagesync: its flow run's process is gone"), force=True
+            )
 
     def _settle_parent_task_run(self, client: Any, fr: FlowRun | None, child: _Child) -> None:
         """The task run that stands for the child in this flow run (run_deployment makes it

@@ -258,7 +258,9 @@ def test_fan_out_across_workers_survives_a_sigkilled_worker(
     busy = {"type": {"any_": ["RUNNING", "PENDING", "CANCELLING"]}}
     assert _flow_runs(url, flow_runs={"state": busy}) == []
     left = _task_runs(url, task_runs={"state": busy})
-    assert left == [], [(t["name"], t["flow_run_id"], t["state_type"], victim) for t in left] + [err]
+    assert left == [], [(t["name"], t["flow_run_id"], t["state_type"], victim) for t in left] + [
+        err
+    ]
     (dead,) = _flow_runs(url, flow_runs={"id": {"any_": [victim]}})
     assert dead["state_type"] == "CRASHED"
 
