@@ -45,7 +45,7 @@ from prefect.utilities.urls import url_for
 
 from pagesync.core.config import Config, load_config
 from pagesync.core.engine import PartitionOutcome, StreamRun, reopens
-from pagesync.core.errors import ConfigError, PagesyncError
+from pagesync.core.errors import ConfigError, PagesyncError, Stopped
 from pagesync.core.partitions import PartitionSpec
 from pagesync.core.store import COMPLETE, INCOMPLETE
 from pagesync.prefect.ratelimit import SharedRateLimiter, ensure_limit
@@ -173,6 +173,11 @@ class FanOut:
                         self._submit([by_key[k] for k in keys], rows, full_refresh=False)
                     if all(c.final for c in self.children):
                         break
+                    if run.stop.is_set():  # SIGTERM or Ctrl-C of the coordinator
+                        raise Stopped(
+                            f"stopped ({run.stop.reason or 'stop requested'}); the child flow "
+                            "runs are cancelled, committed pages are kept"
+                        )
                     time.sleep(POLL)
                 for child in self.children:
                     if child.crashed_by_us:
