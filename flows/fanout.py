@@ -135,6 +135,7 @@ class _Child:
     state: str = "SCHEDULED"
     final: bool = False
     crashed_by_us: bool = False
+    message: str = ""
 
 
 @dataclass
@@ -242,6 +243,7 @@ class FanOut:
             fr = by_id.get(child.id)
             state = fr.state if fr else None
             child.state = state.type.value if state else "UNKNOWN"
+            child.message = (state.message or "") if state else ""
             if state is None or not state.is_final():
                 owned = f":{child.id}"
                 holds = any(
@@ -265,9 +267,10 @@ class FanOut:
             retry = []
             for k in left:
                 if self.attempts[k] > RESUBMITS:
+                    why = f": {child.message}" if child.message else ""
                     self.given_up[k] = (
                         f"its flow run ended {child.state} {self.attempts[k]} times before "
-                        "the partition did"
+                        f"the partition did (last {child.id}{why})"
                     )
                 else:
                     retry.append(k)

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +97,28 @@ def _client_env(url: str, home: Path) -> dict[str, str]:
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO",
     }
+
+
+def _worker(name: str, folder: Path, env: dict[str, str], log: Any) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "scale", "--name", name]
+    return subprocess.Popen(
+        [*cmd, "--limit", "2"], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _pool(url: str, folder: Path) -> dict[str, str]:
+    """The client environment, with the `scale` process pool made (once per server)."""
+    env = _client_env(url, folder / "client")
+    if httpx.get(f"{url}/work_pools/scale", timeout=30).status_code == 404:
+        cmd = [sys.executable, "-m", "prefect", "work-pool", "create", "scale"]
+        made = subprocess.run(
+            [*cmd, "--type", "process"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert made.returncode == 0, made.stderr
+    return env
 
 
 def _owner_pid(owner: str | None) -> int | None:
@@ -144,12 +165,7 @@ def test_fan_out_across_workers_survives_a_sigkilled_worker(
             tmp_path, api.url, {"items": stream}, state=pg_url,
             source={"rate_limit": {"per_second": RATE}, "lease_ttl": TTL, "concurrency": 2},
         )  # fmt: skip
-        env = _client_env(url, tmp_path / "client")
-        made = subprocess.run(
-            [sys.executable, "-m", "prefect", "work-pool", "create", "scale", "--type", "process"],
-            env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert made.returncode == 0, made.stderr
+        env = _pool(url, tmp_path)
         deployed = run_cli("deploy", "--pool", "scale", "-c", str(config), **env)
         assert deployed.returncode == 0, deployed.stderr
         assert "pagesync-partitions/partitions" in deployed.stdout
@@ -163,37 +179,22 @@ def test_fan_out_across_workers_survives_a_sigkilled_worker(
                 wenv = _client_env(url, folder / "home")
                 log = open(folder / "worker.log", "wb")  # noqa: SIM115
                 logs.append(log)
-                workers.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "prefect",
-                            "worker",
-                            "start",
-                            "--pool",
-                            "scale",
-                            "--name",
-                            f"w{i}",
-                            "--limit",
-                            "2",
-                        ],
-                        cwd=folder,
-                        env=wenv,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )  # fmt: skip
-                )
+                workers.append(_worker(f"w{i}", folder, wenv, log))
             coordinator = subprocess.Popen(
                 [sys.executable, "-m", "pagesync.cli", "run", "items", "-c", str(config)],
                 cwd=tmp_path, env=_client_env(url, tmp_path / "coordinator"),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )  # fmt: skip
             watch = _Watch(pg_url, workers)
-            deadline = time.monotonic() + 240
+            deadline = time.monotonic() + 420  # ~100 s on a quiet machine
             while coordinator.poll() is None:
-                assert time.monotonic() < deadline, "the coordinator did not finish in time"
+                if time.monotonic() > deadline:
+                    _kill_tree(coordinator.pid)
+                    out, err = coordinator.communicate()
+                    raise AssertionError(
+                        f"the coordinator did not finish in time\n{out}\n{err}\n"
+                        f"{_diagnosis(url, pg_url, watch)}\n{_tails(tmp_path)}"
+                    )
                 watch.look()
                 time.sleep(0.1)  # a sampling period, not synchronisation: the loop polls
             out, err = coordinator.communicate()
@@ -326,8 +327,71 @@ class _Watch:
         self.killed = (flow_run, held)
 
 
+def _diagnosis(url: str, pg_url: str, watch: _Watch) -> str:
+    """Where a run that did not finish stood: its flow runs' states, its partitions'."""
+    runs = [(fr["name"], fr["state_type"], fr["id"]) for fr in _flow_runs(url)]
+    engine = create_engine(pg_url)
+    with engine.connect() as conn:
+        parts = conn.execute(
+            text("SELECT partition, status, pages, lease_owner FROM pagesync_partitions "
+                 "WHERE status <> 'complete'")
+        ).all()  # fmt: skip
+    engine.dispose()
+    return f"killed: {watch.killed}\nflow runs: {runs}\nunfinished partitions: {parts}"
+
+
 def _tails(folder: Path) -> str:
     out = []
     for log in sorted(folder.glob("worker*/worker.log")):
         out.append(f"--- {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
     return "\n".join(out)
+
+
+def test_a_failed_partition_fails_the_stream_and_a_rerun_submits_only_it(
+    prefect_pg: str, pg_url: str, tmp_path: Path
+) -> None:
+    """The coordinator ends with the partition's error (exit 1); run again, it submits only
+    the incomplete partition, which resumes, and the stream completes."""
+    url = prefect_pg
+    stream = {**daily_stream(50), "fan_out": "deployment", "fan_out_batch": 2}
+    stream["partitions"] = {**stream["partitions"], "start": START, "end": "2024-01-05T00:00:00Z"}
+    with DemoAPI(items=2000) as api:
+        # One request answers 400 (not retried): whichever partition asked ends incomplete.
+        api.add_fault(kind="status", status=400, times=1, after=2, path="/next/items")
+        config = write_config(tmp_path, api.url, {"days": stream}, state=pg_url)
+        env = _pool(url, tmp_path)
+        assert run_cli("deploy", "--pool", "scale", "-c", str(config), **env).returncode == 0
+        folder = tmp_path / "worker"
+        folder.mkdir()
+        with open(folder / "worker.log", "wb") as log:
+            worker = _worker("solo", folder, _client_env(url, folder / "home"), log)
+            try:
+                first = run_cli("run", "days", "-c", str(config), cwd=tmp_path, **env)
+                assert first.returncode == 1, first.stdout + first.stderr
+                engine = create_engine(pg_url)
+                with engine.connect() as conn:
+                    failed = conn.execute(
+                        text("SELECT partition, error FROM pagesync_partitions "
+                             "WHERE status <> 'complete'")
+                    ).all()  # fmt: skip
+                engine.dispose()
+                assert len(failed) == 1 and "HTTP 400" in failed[0].error
+                assert f"partition {failed[0].partition}" in first.stderr
+                began = time.time()
+                second = run_cli("run", "days", "-c", str(config), cwd=tmp_path, **env)
+                assert second.returncode == 0, second.stdout + second.stderr
+            finally:
+                _kill_tree(worker.pid)
+        expected = [it["id"] for it in api.items if START <= it["updated_at"] < "2024-01-05"]
+    assert_exactly_once(pg_url, "days", expected)
+    children = [
+        fr for fr in _flow_runs(url, flow_runs={"name": {"like_": "days ·"}})
+        if fr["parameters"].get("stream") == "days"
+    ]  # fmt: skip
+    later = [
+        fr for fr in children
+        if datetime.fromisoformat(fr["created"].replace("Z", "+00:00")).timestamp() > began
+    ]  # fmt: skip
+    assert [p["key"] for fr in later for p in fr["parameters"]["partitions"]] == [
+        failed[0].partition
+    ]
