@@ -62,7 +62,7 @@ RESUBMITS = 3
 #: from its Running state to its first lease (config, imports of user code, the store).
 STARTUP_GRACE = 10.0
 #: The same for a child still Pending: its worker is starting its process (or died).
-PENDING_GRACE = 60.0
+PENDING_GRACE = 30.0
 POLL = 1.0
 
 log = logging.getLogger("pagesync")

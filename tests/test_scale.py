@@ -30,7 +30,7 @@ import httpx
 import psutil
 import pytest
 from conftest import PG_ADMIN_URL, daily_stream, run_cli, write_config
-from helpers import assert_exactly_once
+from helpers import assert_exactly_once, wait_for
 from sqlalchemy import create_engine, text
 
 from pagesync.demo.api import DemoAPI
@@ -395,3 +395,56 @@ def test_a_failed_partition_fails_the_stream_and_a_rerun_submits_only_it(
     assert [p["key"] for fr in later for p in fr["parameters"]["partitions"]] == [
         failed[0].partition
     ]
+
+
+def test_stopping_the_coordinator_cancels_its_children(
+    prefect_pg: str, pg_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM to the coordinator: it cancels its child flow runs, whose worker stops them
+    (Cancelled, not Running), and exits 143 with committed pages kept."""
+    url = prefect_pg
+    stream = {**daily_stream(2), "fan_out": "deployment", "fan_out_batch": 2}
+    stream["partitions"] = {**stream["partitions"], "start": START, "end": "2024-01-03T00:00:00Z"}
+    with DemoAPI(items=2000) as api:
+        api.add_fault(kind="slow", delay=1.0, times=-1)  # ~34 s a partition: stopped midway
+        config = write_config(tmp_path, api.url, {"slow": stream}, state=pg_url)
+        env = _pool(url, tmp_path)
+        assert run_cli("deploy", "--pool", "scale", "-c", str(config), **env).returncode == 0
+        folder = tmp_path / "worker"
+        folder.mkdir()
+        with open(folder / "worker.log", "wb") as log:
+            worker = _worker("stopper", folder, _client_env(url, folder / "home"), log)
+            try:
+                coordinator = subprocess.Popen(
+                    [sys.executable, "-m", "pagesync.cli", "run", "slow", "-c", str(config)],
+                    cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True,
+                )  # fmt: skip
+
+                def children(*states: str) -> list[dict[str, Any]]:
+                    runs = _flow_runs(url, flow_runs={"name": {"like_": "slow ·"}})
+                    return [fr for fr in runs if not states or fr["state_type"] in states]
+
+                wait_for(lambda: children("RUNNING"), timeout=120, what="a running child")
+                wait_for(lambda: committed(pg_url) > 0, timeout=60, what="a committed page")
+                coordinator.send_signal(signal.SIGTERM)
+                out, err = coordinator.communicate(timeout=120)
+                assert coordinator.returncode == 143, out + err
+                wait_for(
+                    lambda: all(fr["state_type"] == "CANCELLED" for fr in children()),
+                    timeout=90, what="every child flow run Cancelled",
+                )  # fmt: skip
+            finally:
+                _kill_tree(worker.pid)
+    assert committed(pg_url) > 0  # kept
+
+
+def committed(pg_url: str) -> int:
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM pagesync_pages")).scalar() or 0
+    except Exception:  # not migrated yet
+        return 0
+    finally:
+        engine.dispose()
