@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -18,6 +19,8 @@ from prefect.utilities.urls import url_for
 
 from pagesync.core.config import Config, load_config
 from pagesync.core.engine import Observer, PartitionOutcome, Stop, StreamRun
+from pagesync.core.errors import ConfigError
+from pagesync.core.partitions import PartitionSpec
 from pagesync.tasks import tagged
 from pagesync.tasks.progress import ProgressArtifacts, artifact_key, scope_label
 
@@ -74,6 +77,7 @@ def sync_stream(
     start: datetime | None = None,
     end: datetime | None = None,
     backfill_id: str | None = None,
+    fan_out: str | None = None,
 ) -> dict[str, Any]:
     """Sync one stream: each partition a task, each page a retried, checkpointed subtask.
 
@@ -86,12 +90,19 @@ def sync_stream(
         end: Backfill: the instant to stop at (exclusive).
         backfill_id: Backfill: id under which its windows are checkpointed. Default: derived
             from stream and range, so running the same backfill again resumes it.
+        fan_out: Where partitions run: "threads" (in this flow run) or "deployment" (child
+            flow runs of the partition deployment on a work pool). Default: the stream's
+            `fan_out:`.
     """
     hooks = _HOOKS.get() or RunHooks()
     cfg = resolve_secret_blocks(hooks.config or load_config(config))
     ctx = FlowRunContext.get()
     flow_run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
     spec = cfg.stream(stream)
+    mode = fan_out or spec.fan_out
+    if mode not in ("threads", "deployment"):
+        raise ConfigError(f"stream {stream}: fan_out: {mode!r} is not threads or deployment",
+                          key=f"streams.{stream}.fan_out")  # fmt: skip
     backfill = start is not None or end is not None
     parent = (
         spec.partitions.stream if spec.partitions and spec.partitions.type == "parent" else None
@@ -106,24 +117,15 @@ def sync_stream(
     )  # fmt: skip
     try:
         specs = run.prepare(start=start, end=end) if backfill else run.prepare()
-        partition = tagged(stream)
-        futures = [partition.submit(run, s, stream, s.key) for s in specs]
-        wait(futures)
-        outcomes: list[PartitionOutcome] = []
-        errors: list[Exception] = []
-        task_runs = {s.key: str(fut.task_run_id) for s, fut in zip(specs, futures, strict=True)}
-        for s, fut in zip(specs, futures, strict=True):
-            if fut.state.is_completed():
-                outcomes.append(fut.result())
-            else:
-                exc = fut.result(raise_on_failure=False)
-                errors.append(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
-                outcomes.append(PartitionOutcome(s.key, "incomplete", error=str(exc)))
+        if mode == "deployment":
+            outcomes, errors, links = _fan_out(run, specs, cfg, config, full_refresh)
+        else:
+            outcomes, errors, links = _threads(run, specs, stream)
         # replace: the refresh's tables go live only once every partition is complete.
         replaced = not errors and run.swap()
     finally:
         run.close()
-    _summary_artifact(stream, scope, outcomes, task_runs)
+    _summary_artifact(stream, scope, outcomes, links)
     if errors:
         raise ExceptionGroup(
             f"stream {stream}: {len(errors)} of {len(outcomes)} partitions failed", errors
@@ -139,15 +141,57 @@ def sync_stream(
     }
 
 
+Ran = tuple[list[PartitionOutcome], list[Exception], dict[str, str]]
+
+
+def _threads(run: StreamRun, specs: list[PartitionSpec], stream: str) -> Ran:
+    """Every partition a task of this flow run, in its thread pool."""
+    partition = tagged(stream)
+    futures = [partition.submit(run, s, stream, s.key) for s in specs]
+    wait(futures)
+    outcomes: list[PartitionOutcome] = []
+    errors: list[Exception] = []
+    links = {s.key: _task_run_link(str(f.task_run_id)) for s, f in zip(specs, futures, strict=True)}
+    for s, fut in zip(specs, futures, strict=True):
+        if fut.state.is_completed():
+            outcomes.append(fut.result())
+        else:
+            exc = fut.result(raise_on_failure=False)
+            errors.append(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+            outcomes.append(PartitionOutcome(s.key, "incomplete", error=str(exc)))
+    return outcomes, errors, links
+
+
+def _fan_out(
+    run: StreamRun, specs: list[PartitionSpec], cfg: Config, config: str | None,
+    full_refresh: bool,
+) -> Ran:  # fmt: skip
+    """Every partition in child flow runs of the partition deployment (flows/fanout.py)."""
+    from .fanout import FanOut, PartitionFailed, config_path_of, flow_run_link
+
+    fan = FanOut(run, config_path_of(cfg, config, run.name), full_refresh=full_refresh)
+    outcomes, ran_in = fan(specs)
+    errors: list[Exception] = []
+    for o in outcomes:
+        if o.status != "complete":
+            errors.append(PartitionFailed(f"stream {run.name} partition {o.partition}: {o.error}"))
+        for obs in run.observers:
+            try:
+                obs.partition_done(run.name, o)
+            except Exception:  # display only
+                logging.getLogger("pagesync").exception("progress observer %r failed", obs)
+    return outcomes, errors, {k: flow_run_link(v) for k, v in ran_in.items()}
+
+
 def _summary_artifact(
-    stream: str, scope: str, outcomes: list[PartitionOutcome], task_runs: dict[str, str]
+    stream: str, scope: str, outcomes: list[PartitionOutcome], links: dict[str, str]
 ) -> None:
     """One table per flow run: what each partition did in it, each row linked to the
     partition's task run (its pages and log lines are there)."""
     table = [
         {
             "partition": o.partition,
-            "task run": _task_run_link(task_runs.get(o.partition)),
+            "task run": links.get(o.partition, ""),
             "status": "complete (skipped)" if o.skipped else o.status,
             "pages": o.pages,
             "records": o.records,

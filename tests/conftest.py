@@ -30,7 +30,10 @@ def pytest_configure(config: pytest.Config) -> None:
     Prefect reads its settings when it is first imported, so PREFECT_API_URL must be set
     before any test module imports pagesync.flows.
     """
-    if hasattr(config, "workerinput") or os.environ.get("PAGESYNC_TEST_NO_SERVER"):
+    if os.environ.get("PAGESYNC_TEST_NO_SERVER"):
+        return
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller started it
+        _SERVER.update(url=os.environ["PREFECT_API_URL"], home=os.environ["PAGESYNC_TEST_SERVER"])
         return
     home = Path(tempfile.mkdtemp(prefix="pagesync-prefect-"))
     port = free_port()
@@ -56,6 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise
     _SERVER.update(proc=proc, home=home, url=url, log=log)
     os.environ.update(
+        PAGESYNC_TEST_SERVER=str(home),  # for pytest-xdist's workers, which inherit it
         PREFECT_API_URL=url,
         PREFECT_HOME=str(home / "client"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -64,11 +68,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    proc = _SERVER.get("proc")
-    if proc is not None:
+    if "url" in _SERVER:
         from pagesync.prefect.settings import drain_prefect_workers
 
-        drain_prefect_workers(timeout=10)  # flows run in this process: their last logs, events
+        drain_prefect_workers(timeout=10)  # flows ran in this process: their last logs, events
+    proc = _SERVER.get("proc")
+    if proc is not None:
         proc.terminate()
         try:
             proc.wait(timeout=20)

@@ -437,3 +437,20 @@ def test_load_config_follows_precedence(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("PAGESYNC_CONFIG", str(env_file))
     assert load_config().sources["shop"].base_url == "http://env.example.com"
     assert load_config(cli_file).sources["shop"].base_url == "http://cli.example.com"
+
+
+def test_lease_ttl_below_its_minimum_names_the_key(tmp_path: Path) -> None:
+    data = minimal()
+    data["sources"]["shop"]["lease_ttl"] = 0.5
+    message = error_of(tmp_path, data)
+    assert "sources.shop.lease_ttl" in message and "greater than or equal to 2" in message
+
+
+def test_fan_out_keys(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(minimal(fan_out="deployment", fan_out_batch=4)))
+    cfg = load_config(path)
+    assert (cfg.streams["items"].fan_out, cfg.streams["items"].fan_out_batch) == ("deployment", 4)
+    assert cfg.sources["shop"].lease_ttl == 300
+    message = error_of(tmp_path, minimal(fan_out="processes"))
+    assert "streams.items.fan_out" in message and "'threads' or 'deployment'" in message

@@ -99,12 +99,31 @@ def run(
         typer.Option("--full-refresh", help="Ignore the high-water mark and completed partitions."),
     ] = False,
     verbose: VerboseOpt = False,
+    fan_out: FanOutOpt = None,
 ) -> None:
     """Sync one stream; resumes every unfinished partition from its last committed page."""
     cfg = _config(config)
     _stream(cfg, stream)
-    code = _run(cfg, stream, full_refresh=full_refresh, verbose=verbose)
+    code = _run(cfg, stream, full_refresh=full_refresh, verbose=verbose, **_fan_out(fan_out))
     raise typer.Exit(code)
+
+
+FanOutOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--fan-out",
+        help="Where partitions run: threads (this process) or deployment (child flow runs "
+        "on the workers of the partition deployment's pool). Default: the stream's fan_out.",
+    ),
+]
+
+
+def _fan_out(value: str | None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if value not in ("threads", "deployment"):
+        raise fail(f"--fan-out: {value!r} is not threads or deployment")
+    return {"fan_out": value}
 
 
 def _run(cfg: Config, stream: str, *, verbose: bool = False, **params: Any) -> int:
@@ -165,6 +184,7 @@ def backfill(
     ] = None,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
+    fan_out: FanOutOpt = None,
 ) -> None:
     """Sync [start, end) window by window; running it again resumes where it stopped."""
     cfg = _config(config)
@@ -172,7 +192,10 @@ def backfill(
     start, end = _utc(start), _utc(end)
     if end <= start:
         raise fail("--end must be after --start")
-    code = _run(cfg, stream, verbose=verbose, start=start, end=end, backfill_id=backfill_id)
+    code = _run(
+        cfg, stream, verbose=verbose, start=start, end=end, backfill_id=backfill_id,
+        **_fan_out(fan_out),
+    )  # fmt: skip
     raise typer.Exit(code)
 
 

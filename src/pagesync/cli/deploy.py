@@ -399,16 +399,27 @@ def _register(cfg: Config, pool: str, url: str) -> None:
                 f"work pool {pool!r} not found at {url}; create it with "
                 f"`prefect work-pool create {pool} --type process`"
             ) from None
+    from ..prefect.ratelimit import ensure_limits
+
     deployments = build_deployments(cfg, work_pool=pool)
     for d in deployments:
         d.apply()
+    limits = ensure_limits(cfg)  # fan_out: deployment streams' rate limits, across workers
     out.print(
         f"[green]✓[/green] {len(deployments)} deployments of {cfg.path} registered to work pool "
         f"{escape(pool)} ({escape(work_pool.type)}) at {url}:"
     )
     for d in deployments:
-        when = describe_schedule(cfg, d.flow_name) if d.name == "incremental" else "on demand"
+        when = (
+            describe_schedule(cfg, d.flow_name)
+            if d.name == "incremental"
+            else "started by fan_out: deployment streams"
+            if d.name == "partitions"
+            else "on demand"
+        )
         out.print(f"  {escape(f'{d.flow_name}/{d.name}'):<40} {escape(when)}")
+    for name in limits:
+        out.print(f"  global concurrency limit {escape(name)} (the source's rate_limit)")
     out.print(
         f"Start a worker where pagesync is installed and {cfg.path} exists: "
         f"[bold]prefect worker start --pool {escape(pool)}[/bold]"

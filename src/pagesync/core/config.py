@@ -46,6 +46,10 @@ class Retry(Model):
     )
 
 
+#: The shortest lease: it is renewed every third of it, through the store's database.
+MIN_LEASE_TTL = 2.0
+
+
 class RateLimit(Model):
     per_second: float = Field(gt=0, description="Requests per second over all partitions.")
 
@@ -102,6 +106,12 @@ class Source(Model):
     retry: Retry = Field(default_factory=Retry)
     rate_limit: RateLimit | None = None
     concurrency: int = Field(4, ge=1, description="Partitions of this source in flight at once.")
+    lease_ttl: float = Field(
+        300,
+        ge=MIN_LEASE_TTL,
+        description="Seconds a runner's hold on a partition lasts without renewal: how soon "
+        "another runner takes over the partitions of a runner that died.",
+    )
     auth: Auth | None = None
     follow_foreign_next: bool = Field(
         False,
@@ -351,6 +361,14 @@ class Stream(Model):
     partitions: Partitions | None = None
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)
     schedule: Schedule | None = None
+    fan_out: Literal["threads", "deployment"] = Field(
+        "threads",
+        description="threads: partitions run in threads of the stream's flow run. deployment: "
+        "in child flow runs of the partition deployment, on any worker of its work pool.",
+    )
+    fan_out_batch: int = Field(
+        2, ge=1, le=100, description="fan_out deployment: partitions per child flow run."
+    )
     nested: Nested = Field(default_factory=Nested)
 
     @field_validator("body", mode="before")

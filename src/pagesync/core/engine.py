@@ -39,7 +39,8 @@ from .errors import (
     Stopped,
 )
 from .extract import cursor_values
-from .http import RateLimiter, SourceClient
+from .http import Limiter, RateLimiter, SourceClient
+from .keeper import KEEPER
 from .paginators import PageRequest, Token, base_request
 from .partitions import PartitionSpec, plan
 from .store import (
@@ -142,6 +143,7 @@ class StreamRun:
         observers: list[Observer] | None = None,
         client: SourceClient | None = None,
         stop: Stop | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.config = config
         self.name = stream
@@ -151,10 +153,11 @@ class StreamRun:
         self.full_refresh = full_refresh
         self.scope = scope
         self.observers = observers or []
-        limiter = RateLimiter(self.source.rate_limit.per_second) if self.source.rate_limit else None
+        if limiter is None and self.source.rate_limit:
+            limiter = RateLimiter(self.source.rate_limit.per_second)
         self.client = client or SourceClient(self.source, limiter=limiter)
         self.reader, self.model = user_code(config, stream)
-        self.store = Store(config.state)
+        self.store = Store(config.state, lease_ttl=self.source.lease_ttl)
         self.same_db = config.destination_url == config.state
         self.destination = Destination(engine_for(config.destination_url))
         self.owner = owner_id(flow_run_id)
@@ -231,6 +234,15 @@ class StreamRun:
         with self.destination.engine.connect() as conn:
             return bool(dialects.table_columns(conn, self.table))
 
+    def settled(self, spec: PartitionSpec, status: str, state: dict[str, Any]) -> bool:
+        """Whether this run has nothing to walk in the partition: complete, and neither
+        reopened (`reopens`) nor, for replace, of an earlier refresh."""
+        if status != COMPLETE or self.full_refresh:
+            return False
+        if self.replaces:
+            return state.get("refresh") == self.refresh
+        return not reopens(self.stream, spec, state)
+
     def swap(self) -> bool:
         """replace: when every partition of the refresh is complete, put its staging tables
         in place of the live ones (one transaction; see `Destination.swap`). The flow calls
@@ -269,6 +281,15 @@ class StreamRun:
         self.client.close()
 
 
+def reopens(stream: cfg.Stream, spec: PartitionSpec, state: dict[str, Any]) -> bool:
+    """Whether a complete partition is walked again (short of a full refresh): an
+    incremental one continues from its high-water mark, a datetime window that grew reopens;
+    any other stays complete and is skipped."""
+    incremental = stream.cursor is not None and stream.cursor.param and spec.window_end is None
+    grew = spec.window_end is not None and spec.window_end > state.get("window_end", "")
+    return bool(incremental or grew)
+
+
 class PartitionRun:
     """Walks one partition: resume point at `open()`, then one `step()` per page."""
 
@@ -304,17 +325,13 @@ class PartitionRun:
         st = lease.state
         cursor_spec = self.stream.cursor
         config_start = cursor_spec.start if cursor_spec else None
-        grew = self.spec.window_end is not None and self.spec.window_end > st.get("window_end", "")
         resumed: str | None = None
         if run.full_refresh or st.get("refresh") != run.refresh:  # replace: a new refresh
             new = self._generation(config_start)
             if lease.status != COMPLETE:  # an unfinished walk: this one replaces it
                 self._forget_rewritten(st, everything=True)
         elif lease.status == COMPLETE:
-            incremental = (
-                cursor_spec is not None and cursor_spec.param and self.spec.window_end is None
-            )
-            if run.refresh is not None or not (incremental or grew):
+            if run.settled(self.spec, lease.status, st):
                 self._release_untouched()
                 self.outcome = self._outcome(COMPLETE, skipped=True)
                 return False
@@ -705,9 +722,11 @@ def run_partition(
     if not opened:
         part._notify()
         return part.outcome
+    assert part.lease is not None
     try:
-        while not part.done:
-            page_runner(part, part.next_page)
+        with KEEPER.holding(part.run.store, part.lease):
+            while not part.done:
+                page_runner(part, part.next_page)
     except BaseException as exc:
         part.fail(exc)
         raise

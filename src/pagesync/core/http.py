@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import Protocol
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -83,6 +84,14 @@ class RateLimiter:
             time.sleep(slot - now)
 
 
+class Limiter(Protocol):
+    """What a source's requests wait on: this process's RateLimiter, or one shared by every
+    worker (pagesync.prefect.ratelimit). `pause`, where a limiter has it, is told of a
+    Retry-After, so every request behind the limiter waits, not only the one that got it."""
+
+    def wait(self) -> None: ...
+
+
 def retry_after(response: httpx.Response) -> float | None:
     """Seconds from a Retry-After header, given as seconds or as an HTTP date."""
     value = response.headers.get("retry-after")
@@ -107,7 +116,7 @@ class SourceClient:
         self,
         source: cfg.Source,
         *,
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
         auth: httpx.Auth | None = None,
         sleep: Callable[[float], None] = time.sleep,
         transport: httpx.BaseTransport | None = None,
@@ -221,7 +230,12 @@ class SourceClient:
             last = f"HTTP {status}"
             if status in RETRY_STATUSES and attempt + 1 < attempts:
                 wait = retry_after(response)
-                wait = self._backoff(attempt) if wait is None else min(wait, self.retry.max_backoff)
+                if wait is not None:
+                    wait = min(wait, self.retry.max_backoff)
+                    pause = getattr(self.limiter, "pause", None)
+                    if pause is not None:
+                        pause(wait)
+                wait = self._backoff(attempt) if wait is None else wait
                 self.sleep(wait)
                 continue
             snippet = self.hide(response.text)[:200].strip().replace("\n", " ")

@@ -179,7 +179,33 @@ def build_deployments(config: Config, *, work_pool: str | None = None) -> list[R
             deployment.work_queue_name = None
             deployment.job_variables = {"env": {"PAGESYNC_CONFIG": path}} if work_pool else {}
             out.append(deployment)
+    if any(s.fan_out == "deployment" for s in config.streams.values()):
+        out.append(partition_deployment(path, work_pool))
     return out
+
+
+def partition_deployment(config_path: str, work_pool: str | None) -> RunnerDeployment:
+    """The deployment whose runs are `fan_out: deployment` streams' batches of partitions
+    (flows/fanout.py): one for every stream of the config, each run told its stream and
+    partitions by the coordinator; never run by hand, so it has no schedule."""
+    from pagesync.flows.fanout import DEPLOYMENT, run_partitions
+
+    deployment = RunnerDeployment.from_flow(
+        run_partitions,
+        name=DEPLOYMENT,
+        description=(
+            "Batches of partitions of streams with fan_out: deployment, started by each "
+            f"stream's flow run (the coordinator). Config: {config_path}"
+        ),
+        tags=["pagesync", "partitions"],
+        paused=False,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+    deployment.entrypoint = f"{run_partitions.fn.__module__}.run_partitions"
+    deployment.work_pool_name = work_pool
+    deployment.work_queue_name = None
+    deployment.job_variables = {"env": {"PAGESYNC_CONFIG": config_path}} if work_pool else {}
+    return deployment
 
 
 def serve_environment(config: Config) -> None:
