@@ -13,6 +13,7 @@ held across every worker (the API's own request log, per second).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -448,3 +449,43 @@ def committed(pg_url: str) -> int:
         return 0
     finally:
         engine.dispose()
+
+
+def test_a_replace_stream_fanned_out_swaps_in_once_its_children_are_done(
+    prefect_pg: str, pg_url: str, tmp_path: Path
+) -> None:
+    """write_disposition: replace with fan_out: deployment: the children write into the
+    coordinator's refresh (one staging table), and the coordinator swaps it in at the end."""
+    url = prefect_pg
+    stream = {**daily_stream(100), "fan_out": "deployment", "fan_out_batch": 2,
+              "write_disposition": "replace"}  # fmt: skip
+    stream["partitions"] = {**stream["partitions"], "start": START, "end": "2024-01-05T00:00:00Z"}
+    with DemoAPI(items=2000) as api:
+        config = write_config(tmp_path, api.url, {"days": stream}, state=pg_url)
+        env = _pool(url, tmp_path)
+        assert run_cli("deploy", "--pool", "scale", "-c", str(config), **env).returncode == 0
+        folder = tmp_path / "worker"
+        folder.mkdir()
+
+        def in_range() -> list[int]:
+            return [it["id"] for it in api.items if START <= it["updated_at"] < "2024-01-05"]
+
+        with open(folder / "worker.log", "wb") as log:
+            worker = _worker("solo", folder, _client_env(url, folder / "home"), log)
+            try:
+                first = run_cli("run", "days", "-c", str(config), cwd=tmp_path, **env)
+                assert first.returncode == 0, first.stdout + first.stderr
+                assert_exactly_once(pg_url, "days", in_range())
+                api.delete_items(in_range()[:40])
+                second = run_cli("run", "days", "-c", str(config), cwd=tmp_path, **env)
+                assert second.returncode == 0, second.stdout + second.stderr
+            finally:
+                _kill_tree(worker.pid)
+        assert_exactly_once(pg_url, "days", in_range())  # the 40 deleted ones are gone
+    engine = create_engine(pg_url)
+    with engine.connect() as conn:
+        refreshes = conn.execute(text("SELECT DISTINCT state FROM pagesync_partitions")).scalars()
+        ids = {json.loads(s)["refresh"] for s in refreshes}
+        staged = conn.execute(text("SELECT to_regclass('days__pagesync_staging')")).scalar()
+    engine.dispose()
+    assert len(ids) == 1 and staged is None  # one refresh over all children, swapped in
