@@ -330,14 +330,20 @@ class _Watch:
 def _diagnosis(url: str, pg_url: str, watch: _Watch) -> str:
     """Where a run that did not finish stood: its flow runs' states, its partitions'."""
     runs = [(fr["name"], fr["state_type"], fr["id"]) for fr in _flow_runs(url)]
-    engine = create_engine(pg_url)
-    with engine.connect() as conn:
-        parts = conn.execute(
-            text("SELECT partition, status, pages, lease_owner FROM pagesync_partitions "
-                 "WHERE status <> 'complete'")
-        ).all()  # fmt: skip
-    engine.dispose()
+    parts = _unfinished(pg_url, "partition, status, pages, lease_owner")
     return f"killed: {watch.killed}\nflow runs: {runs}\nunfinished partitions: {parts}"
+
+
+def _unfinished(pg_url: str, columns: str) -> list[Any]:
+    """These columns of every partition row that is not complete."""
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(
+                f"SELECT {columns} FROM pagesync_partitions WHERE status <> 'complete'"
+            )).all())  # fmt: skip
+    finally:
+        engine.dispose()
 
 
 def _tails(folder: Path) -> str:
@@ -362,13 +368,7 @@ def test_a_failed_partition_fails_the_stream_and_a_rerun_submits_only_it(
         with _one_worker("solo", url, config, tmp_path) as env:
             first = run_cli("run", "days", "-c", str(config), cwd=tmp_path, **env)
             assert first.returncode == 1, first.stdout + first.stderr
-            engine = create_engine(pg_url)
-            with engine.connect() as conn:
-                failed = conn.execute(
-                    text("SELECT partition, error FROM pagesync_partitions "
-                         "WHERE status <> 'complete'")
-                ).all()  # fmt: skip
-            engine.dispose()
+            failed = _unfinished(pg_url, "partition, error")
             assert len(failed) == 1 and "HTTP 400" in failed[0].error
             assert f"partition {failed[0].partition}" in first.stderr
             began = time.time()
