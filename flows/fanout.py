@@ -172,8 +172,7 @@ class FanOut:
                 for i in range(0, len(todo), batch):
                     self._submit(todo[i : i + batch], rows, full_refresh=self.full_refresh)
                 while True:
-                    rows = self._rows()
-                    retry = self._watch(client, rows)
+                    retry, rows = self._watch(client)
                     for keys in retry:
                         self._submit([by_key[k] for k in keys], rows, full_refresh=False)
                     if all(c.final for c in self.children):
@@ -232,14 +231,21 @@ class FanOut:
         k = row["partition"]
         return row["status"] in (COMPLETE, INCOMPLETE) and row["version"] > self.submitted[k]
 
-    def _watch(self, client: Any, rows: dict[str, dict[str, Any]]) -> list[list[str]]:
-        """Update the children's states; the batches of partitions to submit again."""
+    def _watch(self, client: Any) -> tuple[list[list[str]], dict[str, dict[str, Any]]]:
+        """Update the children's states; the batches of partitions to submit again, and the
+        partition rows read for it.
+
+        The rows are read after the children's states: a partition's row is final before
+        its child flow run is, so a child seen ended has its partitions' last word in them
+        (read the other way round, a partition that failed in between looks unfinished and
+        would be submitted again)."""
         active = [c for c in self.children if not c.final]
         if not active:
-            return []
+            return [], {}
         runs: list[FlowRun] = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[c.id for c in active]))
         )
+        rows = self._rows()
         by_id = {r.id: r for r in runs}
         now, mono = time.time(), time.monotonic()
         ttl = self.run.source.lease_ttl
@@ -286,7 +292,7 @@ class FanOut:
                     self.run.name, child.id, child.state, ", ".join(retry),
                 )  # fmt: skip
                 again.append(retry)
-        return again
+        return again, rows
 
     def _last_child(self, key: str) -> _Child | None:
         return next((c for c in reversed(self.children) if key in c.keys), None)

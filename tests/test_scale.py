@@ -331,14 +331,20 @@ class _Watch:
 def _diagnosis(url: str, pg_url: str, watch: _Watch) -> str:
     """Where a run that did not finish stood: its flow runs' states, its partitions'."""
     runs = [(fr["name"], fr["state_type"], fr["id"]) for fr in _flow_runs(url)]
-    engine = create_engine(pg_url)
-    with engine.connect() as conn:
-        parts = conn.execute(
-            text("SELECT partition, status, pages, lease_owner FROM pagesync_partitions "
-                 "WHERE status <> 'complete'")
-        ).all()  # fmt: skip
-    engine.dispose()
+    parts = _unfinished(pg_url, "partition, status, pages, lease_owner")
     return f"killed: {watch.killed}\nflow runs: {runs}\nunfinished partitions: {parts}"
+
+
+def _unfinished(pg_url: str, columns: str) -> list[Any]:
+    """These columns of every partition row that is not complete."""
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(
+                f"SELECT {columns} FROM pagesync_partitions WHERE status <> 'complete'"
+            )).all())  # fmt: skip
+    finally:
+        engine.dispose()
 
 
 def _tails(folder: Path) -> str:
@@ -360,29 +366,15 @@ def test_a_failed_partition_fails_the_stream_and_a_rerun_submits_only_it(
         # One request answers 400 (not retried): whichever partition asked ends incomplete.
         api.add_fault(kind="status", status=400, times=1, after=2, path="/next/items")
         config = write_config(tmp_path, api.url, {"days": stream}, state=pg_url)
-        env = _pool(url, tmp_path)
-        assert run_cli("deploy", "--pool", "scale", "-c", str(config), **env).returncode == 0
-        folder = tmp_path / "worker"
-        folder.mkdir()
-        with open(folder / "worker.log", "wb") as log:
-            worker = _worker("solo", folder, _client_env(url, folder / "home"), log)
-            try:
-                first = run_cli("run", "days", "-c", str(config), cwd=tmp_path, **env)
-                assert first.returncode == 1, first.stdout + first.stderr
-                engine = create_engine(pg_url)
-                with engine.connect() as conn:
-                    failed = conn.execute(
-                        text("SELECT partition, error FROM pagesync_partitions "
-                             "WHERE status <> 'complete'")
-                    ).all()  # fmt: skip
-                engine.dispose()
-                assert len(failed) == 1 and "HTTP 400" in failed[0].error
-                assert f"partition {failed[0].partition}" in first.stderr
-                began = time.time()
-                second = run_cli("run", "days", "-c", str(config), cwd=tmp_path, **env)
-                assert second.returncode == 0, second.stdout + second.stderr
-            finally:
-                _kill_tree(worker.pid)
+        with _one_worker("solo", url, config, tmp_path) as env:
+            first = run_cli("run", "days", "-c", str(config), cwd=tmp_path, **env)
+            assert first.returncode == 1, first.stdout + first.stderr
+            failed = _unfinished(pg_url, "partition, error")
+            assert len(failed) == 1 and "HTTP 400" in failed[0].error
+            assert f"partition {failed[0].partition}" in first.stderr
+            began = time.time()
+            second = run_cli("run", "days", "-c", str(config), cwd=tmp_path, **env)
+            assert second.returncode == 0, second.stdout + second.stderr
         expected = [it["id"] for it in api.items if START <= it["updated_at"] < "2024-01-05"]
     assert_exactly_once(pg_url, "days", expected)
     children = [
@@ -409,35 +401,43 @@ def test_stopping_the_coordinator_cancels_its_children(
     with DemoAPI(items=2000) as api:
         api.add_fault(kind="slow", delay=1.0, times=-1)  # ~34 s a partition: stopped midway
         config = write_config(tmp_path, api.url, {"slow": stream}, state=pg_url)
-        env = _pool(url, tmp_path)
-        assert run_cli("deploy", "--pool", "scale", "-c", str(config), **env).returncode == 0
-        folder = tmp_path / "worker"
-        folder.mkdir()
-        with open(folder / "worker.log", "wb") as log:
-            worker = _worker("stopper", folder, _client_env(url, folder / "home"), log)
-            try:
-                coordinator = subprocess.Popen(
-                    [sys.executable, "-m", "pagesync.cli", "run", "slow", "-c", str(config)],
-                    cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    text=True,
-                )  # fmt: skip
+        with _one_worker("stopper", url, config, tmp_path) as env:
+            coordinator = subprocess.Popen(
+                [sys.executable, "-m", "pagesync.cli", "run", "slow", "-c", str(config)],
+                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
 
-                def children(*states: str) -> list[dict[str, Any]]:
-                    runs = _flow_runs(url, flow_runs={"name": {"like_": "slow ·"}})
-                    return [fr for fr in runs if not states or fr["state_type"] in states]
+            def children(*states: str) -> list[dict[str, Any]]:
+                runs = _flow_runs(url, flow_runs={"name": {"like_": "slow ·"}})
+                return [fr for fr in runs if not states or fr["state_type"] in states]
 
-                wait_for(lambda: children("RUNNING"), timeout=120, what="a running child")
-                wait_for(lambda: committed(pg_url) > 0, timeout=60, what="a committed page")
-                coordinator.send_signal(signal.SIGTERM)
-                out, err = coordinator.communicate(timeout=120)
-                assert coordinator.returncode == 143, out + err
-                wait_for(
-                    lambda: all(fr["state_type"] == "CANCELLED" for fr in children()),
-                    timeout=90, what="every child flow run Cancelled",
-                )  # fmt: skip
-            finally:
-                _kill_tree(worker.pid)
+            wait_for(lambda: children("RUNNING"), timeout=120, what="a running child")
+            wait_for(lambda: committed(pg_url) > 0, timeout=60, what="a committed page")
+            coordinator.send_signal(signal.SIGTERM)
+            out, err = coordinator.communicate(timeout=120)
+            assert coordinator.returncode == 143, out + err
+            wait_for(
+                lambda: all(fr["state_type"] == "CANCELLED" for fr in children()),
+                timeout=90, what="every child flow run Cancelled",
+            )  # fmt: skip
     assert committed(pg_url) > 0  # kept
+
+
+@contextlib.contextmanager
+def _one_worker(name: str, url: str, config: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The config's deployments registered on the `scale` pool and one worker serving it:
+    yields the environment runs are started with; the worker and its runs die after."""
+    env = _pool(url, tmp_path)
+    assert run_cli("deploy", "--pool", "scale", "-c", str(config), **env).returncode == 0
+    folder = tmp_path / "worker"
+    folder.mkdir()
+    with open(folder / "worker.log", "wb") as log:
+        worker = _worker(name, folder, _client_env(url, folder / "home"), log)
+        try:
+            yield env
+        finally:
+            _kill_tree(worker.pid)
 
 
 def committed(pg_url: str) -> int:
