@@ -5,14 +5,17 @@ midway; the live table is read between the runs, as a reader would."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import ENGINES, STREAMS, database_url, run_cli, write_config
-from helpers import rows
+from helpers import partition_rows, rows, wait_for
 from sqlalchemy import create_engine, inspect
+from sqlalchemy.exc import OperationalError
 
 from pagesync.demo.api import DemoAPI
 
@@ -164,3 +167,46 @@ def test_replace_needs_no_primary_key_and_a_backfill_is_refused(
     )
     assert result.returncode == 1
     assert "stream items: write_disposition: replace" in result.stderr + result.stdout
+
+
+def test_a_second_run_while_a_refresh_runs_stops_and_drops_nothing(
+    tmp_path: Path, api: DemoAPI
+) -> None:
+    """Two runs of a replace stream at once: the second stops with an error naming the
+    holder, before it could drop the staging table the first writes; the first swaps in a
+    whole table."""
+    db = f"sqlite:///{tmp_path / 'p.db'}"
+    path = write_config(tmp_path, api.url, {"items": replace_stream(params={"_size": 100})},
+                        state=db)  # fmt: skip
+    api.add_fault(kind="slow", delay=5.0, times=-1, after=2)  # running until faults clear
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pagesync.cli", "run", "items", "-c", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: running_with_pages(db), timeout=120, what="the first run's page")
+        second = run_cli("run", "items", "-c", str(path))
+        assert second.returncode == 1, second.stdout + second.stderr
+        line = one_line(second.stdout + second.stderr, "another run is refreshing it")
+        assert f":{first.pid}:" in line and "one refresh at a time" in line
+        api.clear_faults()
+        out, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, out + err
+    assert snapshot(db) == upstream(api)
+    assert STAGING not in tables(db)
+
+
+def running_with_pages(db: str) -> bool:
+    """A partition is running with a committed page (False before the store exists)."""
+    try:
+        return any(r["status"] == "running" and r["pages"] >= 1
+                   for r in partition_rows(db, "items"))  # fmt: skip
+    except OperationalError:
+        return False
+
+
+def one_line(output: str, needle: str) -> str:
+    [line] = [x for x in output.splitlines() if needle in x]
+    return line

@@ -216,9 +216,19 @@ class StreamRun:
         be swapped in (all complete, killed before the swap): this run continues it, so a
         crash costs no page. Otherwise the last refresh was swapped in, and a new one
         starts with an empty staging table.
+
+        One refresh at a time: while another live runner holds a partition of the stream,
+        this run stops here, before it could drop the staging table that runner writes.
         """
         rows = {p["partition"]: p for p in self.store.partitions(self.name, self.scope)}
         mine = [rows[k] for k in self._keys if k in rows]
+        held = [p for p in mine if p["status"] == RUNNING and holder_dead_since(p) is None]
+        if held:
+            raise PagesyncError(
+                f"stream {self.name}: another run is refreshing it (partition "
+                f"{held[0]['partition']} is held by {held[0]['lease_owner']}); a replace "
+                "stream runs one refresh at a time: run it again when that run has ended"
+            )
         if not self.full_refresh:
             open_ = [p["state"]["refresh"] for p in mine
                      if p["state"].get("refresh") and p["status"] != COMPLETE]  # fmt: skip
