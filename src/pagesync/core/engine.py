@@ -190,12 +190,11 @@ class StreamRun:
         crashpoints.reached("plan")
         self._keys = [s.key for s in specs]
         self.store.ensure(self.name, self.scope, self._keys)
+        rows = {p["partition"]: p for p in self.store.partitions(self.name, self.scope)}
         if self.replaces:
-            self.refresh = self._choose_refresh()
+            self.refresh = self._choose_refresh(rows)
         self.orphaned = {
-            row["partition"]: since
-            for row in self.store.partitions(self.name, self.scope)
-            if (since := holder_dead_since(row)) is not None
+            key: since for key, row in rows.items() if (since := holder_dead_since(row)) is not None
         }
         return specs
 
@@ -208,7 +207,7 @@ class StreamRun:
             for f in self.stream.nested.child_tables
         ]
 
-    def _choose_refresh(self) -> str:
+    def _choose_refresh(self, rows: dict[str, dict[str, Any]]) -> str:
         """The refresh this run continues, or a new one.
 
         A partition's state names the refresh its walk belongs to. A refresh is unfinished
@@ -220,7 +219,6 @@ class StreamRun:
         One refresh at a time: while another live runner holds a partition of the stream,
         this run stops here, before it could drop the staging table that runner writes.
         """
-        rows = {p["partition"]: p for p in self.store.partitions(self.name, self.scope)}
         mine = [rows[k] for k in self._keys if k in rows]
         held = [p for p in mine if p["status"] == RUNNING and holder_dead_since(p) is None]
         if held:

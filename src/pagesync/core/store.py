@@ -473,29 +473,22 @@ class Store:
     def renew(self, lease: Lease) -> bool:
         """Push the lease's expiry one TTL ahead; False once it is no longer ours.
 
-        A compare-and-swap on (version, owner) that leaves the version alone, so a renewal
-        never fails a page's checkpoint in flight. A checkpoint that committed in between
-        moved the version (and renewed the lease itself): the row is read again to tell that
-        from a takeover or a release.
+        A compare on the owner alone, leaving the version alone, so a renewal never fails a
+        page's checkpoint in flight: a takeover or a release changes the owner (host, pid and
+        flow run), and that is all a renewal has to tell apart.
         """
         key = and_(
             P.c.stream == lease.stream, P.c.scope == lease.scope, P.c.partition == lease.partition
         )
         with self.writing() as conn:
-            version = lease.version
-            for _ in range(5):
-                done = conn.execute(
+            return (
+                conn.execute(
                     update(P)
-                    .where(key, P.c.version == version, P.c.lease_owner == lease.owner)
+                    .where(key, P.c.lease_owner == lease.owner)
                     .values(lease_expires=time.time() + lease.ttl)
                 ).rowcount
-                if done == 1:
-                    return True
-                row = conn.execute(select(P.c.version, P.c.lease_owner).where(key)).one_or_none()
-                if row is None or row.lease_owner != lease.owner:
-                    return False
-                version = row.version  # our own checkpoint moved it: still ours
-        return True  # ours, and our checkpoints keep committing (each renews it)
+                == 1
+            )
 
     def write(
         self,
