@@ -39,7 +39,6 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
-from prefect.futures import wait
 from prefect.states import Cancelled, Cancelling, Completed, Crashed, Failed
 from prefect.utilities.urls import url_for
 
@@ -49,10 +48,10 @@ from pagesync.core.errors import ConfigError, PagesyncError, Stopped
 from pagesync.core.partitions import PartitionSpec
 from pagesync.core.store import COMPLETE, INCOMPLETE
 from pagesync.prefect.ratelimit import SharedRateLimiter, ensure_limit
-from pagesync.tasks import tagged
 from pagesync.tasks.progress import ProgressArtifacts
 
 from .secrets import resolve_secret_blocks
+from .stream import run_in_threads
 
 FLOW_NAME = "pagesync-partitions"
 DEPLOYMENT = "partitions"
@@ -109,14 +108,7 @@ def run_partitions(
     run.refresh = refresh
     try:
         run.store.migrate()
-        task = tagged(stream)
-        futures = [task.submit(run, s, stream, s.key) for s in specs]
-        wait(futures)
-        errors = []
-        for fut in futures:
-            if not fut.state.is_completed():
-                exc = fut.result(raise_on_failure=False)
-                errors.append(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+        _, errors, _ = run_in_threads(run, specs, stream)
     finally:
         run.close()
     if errors:

@@ -120,7 +120,7 @@ def sync_stream(
         if mode == "deployment":
             outcomes, errors, links = _fan_out(run, specs, cfg, config, full_refresh)
         else:
-            outcomes, errors, links = _threads(run, specs, stream)
+            outcomes, errors, links = run_in_threads(run, specs, stream)
         # replace: the refresh's tables go live only once every partition is complete.
         replaced = not errors and run.swap()
     finally:
@@ -144,8 +144,9 @@ def sync_stream(
 Ran = tuple[list[PartitionOutcome], list[Exception], dict[str, str]]
 
 
-def _threads(run: StreamRun, specs: list[PartitionSpec], stream: str) -> Ran:
-    """Every partition a task of this flow run, in its thread pool."""
+def run_in_threads(run: StreamRun, specs: list[PartitionSpec], stream: str) -> Ran:
+    """Every partition a task of this flow run, in its thread pool (a stream's flow run,
+    or a child flow run of `fan_out: deployment` with its batch)."""
     partition = tagged(stream)
     futures = [partition.submit(run, s, stream, s.key) for s in specs]
     wait(futures)
