@@ -81,20 +81,25 @@ class ProgressArtifacts:
         self.stream = stream
         self.scope = scope
         self.lock = threading.Lock()
-        self.ids: dict[str, tuple[UUID, PartitionSpec]] = {}
+        #: Each partition's artifact, as its creation on the updater thread: updates are
+        #: queued behind it there, and wait for its id.
+        self.ids: dict[str, tuple[Future[UUID | None], PartitionSpec]] = {}
         self.last: dict[str, float] = {}
         self.pending: dict[str, Future[None]] = {}  # each partition's periodic update
         self.updater: ThreadPoolExecutor | None = None
 
     def start(self, spec: PartitionSpec) -> None:
-        """Create the partition's artifact (inside its task run, so the UI links them)."""
-        artifact_id = create_progress_artifact(
-            0.0,
-            key=progress_key(self.stream, spec.key),
-            description=describe(self.stream, spec.key, self.scope, "starting"),
-        )
+        """Create the partition's artifact (in its task run's context, so the UI links
+        them), on the updater thread: the first page need not wait for the API."""
         with self.lock:
-            self.ids[spec.key] = (artifact_id, spec)
+            created = self._in_background(
+                "creation",
+                create_progress_artifact,
+                0.0,
+                key=progress_key(self.stream, spec.key),
+                description=describe(self.stream, spec.key, self.scope, "starting"),
+            )
+            self.ids[spec.key] = (created, spec)
             self.last[spec.key] = time.monotonic()
 
     def page_committed(self, stream: str, progress: PartitionOutcome) -> None:
@@ -108,11 +113,12 @@ class ProgressArtifacts:
             if before is not None and not before.done():
                 return  # the API is slower than the pages: skip, never queue up
             self.last[partition] = now
-            artifact_id, spec = entry
+            created, spec = entry
             fraction = _fraction(spec, progress.last_cursor)
             self.pending[partition] = self._in_background(
-                update_progress_artifact,
-                artifact_id,
+                "update",
+                _update,
+                created,
                 0.0 if fraction is None else round(fraction * 100, 1),
                 description=describe(
                     stream,
@@ -123,21 +129,24 @@ class ProgressArtifacts:
                 ),  # fmt: skip
             )
 
-    def _in_background(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[None]:
-        """Run `fn` on the updater thread, in this thread's context (Prefect's settings
-        and client context are context variables); a failure is logged, as the engine
-        logs a failing observer."""
+    def _in_background(
+        self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Future[Any]:
+        """Run `fn` on the updater thread, in this thread's context (Prefect's settings,
+        client and task run are context variables); a failure is logged, as the engine
+        logs a failing observer, and gives None."""
         if self.updater is None:
             self.updater = ThreadPoolExecutor(1, thread_name_prefix="pagesync-progress")
         context = contextvars.copy_context()
 
-        def update() -> None:
+        def call() -> Any:
             try:
-                fn(*args, **kwargs)
+                return fn(*args, **kwargs)
             except Exception:
-                log.exception("progress artifact update failed")
+                log.exception("progress artifact %s failed", what)
+                return None
 
-        return self.updater.submit(context.run, update)
+        return self.updater.submit(context.run, call)
 
     def partition_done(self, stream: str, outcome: PartitionOutcome) -> None:
         entry = self.ids.get(outcome.partition)
@@ -148,7 +157,7 @@ class ProgressArtifacts:
         if before is not None:
             before.result()  # the final update after the periodic one, not before it
         done = outcome.status == "complete"
-        update_progress_artifact(
+        _update(
             entry[0],
             100.0 if done else 0.0,
             description=describe(
@@ -159,3 +168,10 @@ class ProgressArtifacts:
                 + (f"; {outcome.error}" if outcome.error else ""),
             ),  # fmt: skip
         )
+
+
+def _update(created: Future[UUID | None], progress: float, description: str) -> None:
+    """Update the artifact once it exists (not at all if its creation failed)."""
+    artifact_id = created.result()
+    if artifact_id is not None:
+        update_progress_artifact(artifact_id, progress, description=description)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import uuid
 
@@ -87,3 +88,54 @@ def test_a_failing_periodic_update_is_logged_and_does_not_stop_the_final_one(
         "Progress of partition **all** of stream **items**: complete, 1 pages, 1 records"
     ]
     assert "progress artifact update failed" in caplog.text and "API down" in caplog.text
+
+
+def test_the_artifact_is_created_off_the_page_thread_and_updates_wait_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """start() returns before the API has answered (the first page need not wait); the
+    updates go to the artifact it created, after it, and from the task run's context."""
+    release = threading.Event()
+    made = uuid.uuid4()
+    calls: list[tuple[str, object]] = []
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="none")
+
+    def create(pct: float, key: str, description: str) -> uuid.UUID:
+        assert release.wait(30), "the test never let the creation answer"
+        calls.append(("create", (threading.current_thread().name, marker.get())))
+        return made
+
+    def update(artifact_id: uuid.UUID, pct: float, description: str) -> None:
+        calls.append(("update", artifact_id))
+
+    monkeypatch.setattr(progress, "create_progress_artifact", create)
+    monkeypatch.setattr(progress, "update_progress_artifact", update)
+    monkeypatch.setattr(progress, "EVERY_SECONDS", 0.0)
+    arts = progress.ProgressArtifacts("items")
+    marker.set("task run")
+    arts.start(PartitionSpec("all", "/items"))  # returns while creation is held
+    arts.page_committed("items", PartitionOutcome("all", "running", pages=1, records=1))
+    assert calls == []
+    release.set()
+    arts.partition_done("items", PartitionOutcome("all", "complete", pages=1, records=1))
+    assert calls[0][0] == "create"
+    name, ctx = calls[0][1]  # type: ignore[misc]
+    assert name.startswith("pagesync-progress") and ctx == "task run"
+    assert calls[1:] == [("update", made), ("update", made)]
+
+
+def test_a_failed_creation_is_logged_and_its_updates_are_skipped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    updated: list[uuid.UUID] = []
+
+    def create(*a: object, **k: object) -> uuid.UUID:
+        raise RuntimeError("API down")
+
+    monkeypatch.setattr(progress, "create_progress_artifact", create)
+    monkeypatch.setattr(progress, "update_progress_artifact", lambda i, *a, **k: updated.append(i))
+    arts = progress.ProgressArtifacts("items")
+    arts.start(PartitionSpec("all", "/items"))
+    arts.partition_done("items", PartitionOutcome("all", "complete", pages=1, records=1))
+    assert updated == []
+    assert "progress artifact creation failed" in caplog.text and "API down" in caplog.text

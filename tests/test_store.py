@@ -490,3 +490,40 @@ def test_reset_forgets_partitions_and_log(store: Store) -> None:
     assert store.reset("items") == 1
     assert store.count_partitions("items") == 0
     assert store.history("items") == []
+
+
+def test_threads_asking_for_one_url_at_once_share_one_engine(tmp_path: Path) -> None:
+    """The CLI warms a run's engines on a thread while the flow run starts; the run's own
+    threads ask for the same URLs, maybe at the same moment: one engine, one pool."""
+    import threading
+
+    from pagesync.core import store as store_mod
+
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    go = threading.Barrier(8)
+    got: list[object] = []
+
+    def ask() -> None:
+        go.wait()
+        got.append(store_mod.engine_for(url))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 8 and all(e is got[0] for e in got)
+    assert store_mod.engine_for(url) is got[0]
+
+
+def test_warming_leaves_errors_to_the_run(tmp_path: Path) -> None:
+    """A URL that cannot be opened is not the warm-up's to report: it ends quietly and
+    the store, opened by the run, raises as it always did."""
+    from pagesync.core.store import warm_engines
+
+    good = f"sqlite:///{tmp_path / 'ok.db'}"
+    bad = "postgresql+nosuchdriver://u@127.0.0.1:1/x"
+    warm_engines(bad, good).join(30)
+    assert (tmp_path / "ok.db").exists()  # the good one was opened
+    with pytest.raises(Exception, match="nosuchdriver"):
+        Store(bad)

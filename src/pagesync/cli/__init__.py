@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+
 
 def main() -> None:
     """The `pagesync` console script."""
-    from .app import main as run
-
+    gc.disable()  # while importing, as launch.quiet_gc says
+    try:
+        from .app import main as run
+    finally:
+        gc.enable()
     run()

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from ..core.config import Config
 from ..core.engine import PartitionOutcome, Stop
+from ..core.store import warm_engines
 from ..prefect import local_server
 from ..prefect.settings import configure
 
@@ -69,9 +70,14 @@ def quiet_gc() -> None:
     by reference counting; so are the pages' responses, once out of their reference cycle
     (`http._unlinked`), without which this threshold let 25 MB of them pile up in a
     1,000,000-record sync. Garbage cycles are still collected, only less often.
+
+    The collector is off while the CLI imports (`pagesync.cli.main`, and the flows above):
+    imports make long-lived objects, not garbage, so its collections then free nothing
+    and only slow the start.
     """
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+    gc.enable()
 
 
 def flatten(exc: BaseException) -> list[BaseException]:
@@ -95,9 +101,11 @@ def run_stream(
     server = local_server.start_if_needed()  # starts while Prefect is imported below
     if server is not None:
         console.print(f"[dim]{server_note(server)}[/dim]", highlight=False)
-    from pagesync.flows.stream import RunHooks, flow_for, run_hooks  # imports Prefect
-
-    quiet_gc()
+    gc.disable()  # until quiet_gc: importing allocates a lot and frees next to nothing
+    try:
+        from pagesync.flows.stream import RunHooks, flow_for, run_hooks  # imports Prefect
+    finally:
+        quiet_gc()
 
     if server is not None:
         server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
@@ -119,6 +127,9 @@ def run_stream(
             # On the kept server, nothing else would end this run's flow runs should this
             # process be killed: the next run marks them Crashed.
             flow = flow.with_options(on_running=[_note_flow_run])
+
+        # The store's engines are made while Prefect creates the flow run.
+        warm_engines(config.state, config.destination_url)
 
         def call() -> Any:
             with run_hooks(hooks):

@@ -137,6 +137,7 @@ def _sqlite_setup(engine: Engine) -> None:
 
 
 _ENGINES: dict[str, Engine] = {}
+_ENGINES_LOCK = threading.Lock()  # one engine per URL, whichever thread asks first
 _WRITE_LOCKS: dict[str, threading.Lock] = {}
 
 
@@ -152,27 +153,52 @@ def write_lock(engine: Engine) -> AbstractContextManager[Any]:
 
 def engine_for(url: str) -> Engine:
     """One engine per database URL per process, set up for pagesync's access pattern."""
-    if url not in _ENGINES:
-        if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-            _sqlite_setup(engine)
-        elif url.startswith("duckdb"):
-            # One process holds a DuckDB file; its connections share one database instance.
-            engine = create_engine(url)
-        elif url.startswith(("mysql", "mariadb")):
-            parsed = make_url(url)
-            if "charset" not in parsed.query:
-                parsed = parsed.update_query_dict({"charset": "utf8mb4"})
-            # READ COMMITTED: a CAS reads the latest version, and no gap locks between the
-            # partitions' page-log inserts.
-            engine = create_engine(
-                parsed, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=3600,
-                isolation_level="READ COMMITTED",
-            )  # fmt: skip
-        else:
-            engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
-        _ENGINES[url] = engine
-    return _ENGINES[url]
+    with _ENGINES_LOCK:
+        if url not in _ENGINES:
+            _ENGINES[url] = _create_engine(url)
+        return _ENGINES[url]
+
+
+def _create_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        _sqlite_setup(engine)
+        return engine
+    if url.startswith("duckdb"):
+        # One process holds a DuckDB file; its connections share one database instance.
+        return create_engine(url)
+    if url.startswith(("mysql", "mariadb")):
+        parsed = make_url(url)
+        if "charset" not in parsed.query:
+            parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+        # READ COMMITTED: a CAS reads the latest version, and no gap locks between the
+        # partitions' page-log inserts.
+        return create_engine(
+            parsed, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=3600,
+            isolation_level="READ COMMITTED",
+        )  # fmt: skip
+    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def warm_engines(*urls: str) -> threading.Thread:
+    """Create the engines of `urls` and open a first connection on a thread of their own.
+
+    Creating one imports its dialect (tens of ms for SQLite's); started while a run waits
+    on the Prefect API for its flow run, that is done by the time the store is opened.
+    Errors are left for the run itself to meet and report.
+    """
+
+    def warm() -> None:
+        for url in dict.fromkeys(urls):
+            try:
+                with engine_for(url).connect():
+                    pass
+            except Exception:  # the run opens it again and reports what is wrong
+                pass
+
+    thread = threading.Thread(target=warm, name="pagesync-warm-engines", daemon=True)
+    thread.start()
+    return thread
 
 
 def dumps(value: Any) -> str:
