@@ -70,8 +70,8 @@ def backfill_scope(
     return f"backfill {stream} {lo}..{hi}"
 
 
-#: Parameter values stored as they are; a datetime as Prefect's encoder stores it.
-_PLAIN = (str, int, float, bool, type(None))
+#: Parameter types stored without Prefect's encoder: as they are, a datetime in ISO form.
+_PLAIN = (str, int, float, bool, type(None), datetime)
 
 
 class StreamFlow(Flow[..., dict[str, Any]]):
@@ -86,7 +86,7 @@ class StreamFlow(Flow[..., dict[str, Any]]):
     """
 
     def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
-        if all(type(v) in _PLAIN or type(v) is datetime for v in parameters.values()):
+        if all(type(v) in _PLAIN for v in parameters.values()):
             return {k: v.isoformat() if type(v) is datetime else v for k, v in parameters.items()}
         return super().serialize_parameters(parameters)
 

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from . import dialects
+from . import dialects, records
 from .errors import ConfigError
 
 DEFAULT_CONFIG = "pagesync.yaml"
@@ -433,13 +433,8 @@ class Config(Model):
         one is refused here, before any page is read."""
         dialect = self.destination_url.split(":", 1)[0].split("+", 1)[0]
         for name, stream in self.streams.items():
-            bases = (
-                [name, f"{name}__pagesync_staging"]
-                if stream.write_disposition == "replace"
-                else [name]
-            )
-            tables = [f"{name}__rejected", *bases]
-            tables += [f"{t}__{field}" for t in bases for field in stream.nested.child_tables]
+            replaces = stream.write_disposition == "replace"
+            tables = records.table_names(name, stream.nested.child_tables, replaces=replaces)
             hint = " or nested.child_tables" if stream.nested.child_tables else ""
             for table in tables:
                 if why := dialects.too_long(dialect, table):

@@ -30,9 +30,6 @@ if TYPE_CHECKING:
 
 META_COLUMNS = ("_pagesync_partition", "_pagesync_page", "_pagesync_synced_at")
 _FLOATS = frozenset({"REAL", "DOUBLE PRECISION", "DOUBLE"})
-#: A replace stream's staging table is `<stream>__pagesync_staging` (its child tables
-#: `<stream>__pagesync_staging__<field>`), swapped in when the refresh is complete.
-STAGING = "__pagesync_staging"
 #: An append table's extra metadata column: which walk of the partition wrote the row, so a
 #: resumed walk can take back exactly its own uncommitted or re-read rows.
 LOAD = "_pagesync_load"
@@ -393,7 +390,7 @@ class Destination:
     ) -> None:
         """Records a stream's model refused, with why and where from, in `<stream>__rejected`."""
         q, mark = self.quote, self.paramstyle
-        name = q(f"{stream}__rejected")
+        name = q(f"{stream}{records_.REJECTED}")
         if stream not in self._rejected_ready:
             self._rejected_table(conn, stream)
         now = datetime.now(UTC).isoformat(timespec="seconds")
@@ -405,7 +402,7 @@ class Destination:
     def _rejected_table(self, conn: Connection, stream: str) -> None:
         q, text = self.quote, self.text
         conn.exec_driver_sql(
-            f"CREATE TABLE IF NOT EXISTS {q(f'{stream}__rejected')} ({q('partition')} {text}, "
+            f"CREATE TABLE IF NOT EXISTS {q(stream + records_.REJECTED)} ({q('partition')} {text}, "
             f"{q('page')} INTEGER, {q('error')} {text}, {q('record')} {text}, "
             f"{q('rejected_at')} {text})"
         )
@@ -498,7 +495,7 @@ class Destination:
                     continue
                 conn.exec_driver_sql(f"CREATE TABLE {q(staging)} LIKE {q(live)}")
             if live in have:
-                gone = f"{live}{STAGING}_old"
+                gone = f"{live}{records_.STAGING}_old"
                 conn.exec_driver_sql(f"DROP TABLE IF EXISTS {q(gone)}")
                 renames.append(f"{q(live)} TO {q(gone)}")
                 old.append(gone)

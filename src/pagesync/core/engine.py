@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection
 from . import config as cfg
 from . import crashpoints, dialects, mergepatch
 from . import records as records_
-from .destination import STAGING, Destination
+from .destination import Destination
 from .errors import (
     ExtractError,
     LeaseLost,
@@ -170,7 +170,7 @@ class StreamRun:
         #: records go until `swap` puts them in place.
         self.refresh: str | None = None
         self.replaces = self.stream.write_disposition == "replace"
-        self.table = f"{stream}{STAGING}" if self.replaces else stream
+        self.table = f"{stream}{records_.STAGING}" if self.replaces else stream
         self._keys: list[str] = []
         #: Partitions left running by a runner that is gone: when it was last alive.
         self.orphaned: dict[str, datetime] = {}
@@ -202,10 +202,7 @@ class StreamRun:
 
     def _pairs(self) -> list[tuple[str, str]]:
         """(staging, live) for the stream's table and each of its child tables."""
-        return [(self.table, self.name)] + [
-            (f"{self.table}{records_.SEP}{f}", f"{self.name}{records_.SEP}{f}")
-            for f in self.stream.nested.child_tables
-        ]
+        return records_.table_pairs(self.name, self.stream.nested.child_tables)
 
     def _choose_refresh(self, rows: dict[str, dict[str, Any]]) -> str:
         """The refresh this run continues, or a new one.

@@ -8,10 +8,16 @@ on are never changed; reshaped records are new dicts.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 #: Between a parent field's name and its child's in a flattened name (`address__city`).
 SEP = "__"
+#: A replace stream's staging table is `<stream>__pagesync_staging` (its child tables
+#: `<stream>__pagesync_staging__<field>`), swapped in when the refresh is complete.
+STAGING = "__pagesync_staging"
+#: Records a stream's model refused go to `<stream>__rejected`.
+REJECTED = "__rejected"
 #: The child table's column holding an item's position in its list.
 INDEX = "_index"
 #: The child table's column holding a list item that is not an object.
@@ -66,3 +72,18 @@ def split(
                 body = item if type(item) is dict else {VALUE: item}
                 rows.append({**(flatten(body) if flat else body), **owner, INDEX: i})
     return parents, children
+
+
+def table_pairs(stream: str, child_tables: Iterable[str]) -> list[tuple[str, str]]:
+    """(staging, live) for a stream's table and each of its child tables."""
+    staging = f"{stream}{STAGING}"
+    return [(staging, stream), *((f"{staging}{SEP}{f}", f"{stream}{SEP}{f}") for f in child_tables)]
+
+
+def table_names(stream: str, child_tables: Iterable[str], *, replaces: bool) -> list[str]:
+    """Every table a stream may write: its rejected records, its table and child tables,
+    and their staging copies when it replaces them."""
+    pairs = table_pairs(stream, child_tables)
+    live = [t for _, t in pairs]
+    staging = [s for s, _ in pairs] if replaces else []
+    return [f"{stream}{REJECTED}", live[0], *staging[:1], *live[1:], *staging[1:]]
