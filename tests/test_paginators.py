@@ -88,6 +88,25 @@ def test_next_url_absolute() -> None:
     assert p.request(BASE, token) == PageRequest("https://other.test/items?after=abc&limit=5")
 
 
+@pytest.mark.parametrize("kind", ["next_url", "link_header"])
+@pytest.mark.parametrize(
+    "link", ["https://other.test/items?after=abc", "HTTP://api.test/v1/items?after=a%2Fb"]
+)
+def test_an_absolute_link_is_taken_as_sent(
+    kind: str, link: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Joining parses both URLs again; an absolute link needs none of it (a page's CPU)."""
+
+    def no_join(*_: Any) -> None:
+        raise AssertionError("an absolute link was joined")
+
+    monkeypatch.setattr(httpx.URL, "join", no_join)
+    p = paginator(type=kind, path="next") if kind == "next_url" else paginator(type=kind)
+    body = {"next": link}
+    headers = {"link": f'<{link}>; rel="next"'}
+    assert p.next(None, response(body=body, headers=headers), body, [{"id": 1}]) == link
+
+
 @pytest.mark.parametrize(
     ("next_url", "expected"),
     [
