@@ -5,6 +5,7 @@ midway; the live table is read between the runs, as a reader would."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -17,6 +18,11 @@ from helpers import partition_rows, rows, wait_for
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.exc import OperationalError
 
+from pagesync.core.config import load_config
+from pagesync.core.engine import StreamRun
+from pagesync.core.errors import PagesyncError
+from pagesync.core.keeper import KEEPER
+from pagesync.core.store import Store
 from pagesync.demo.api import DemoAPI
 
 STAGING = "items__pagesync_staging"
@@ -210,3 +216,80 @@ def running_with_pages(db: str) -> bool:
 def one_line(output: str, needle: str) -> str:
     [line] = [x for x in output.splitlines() if needle in x]
     return line
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_refresh_is_locked_from_its_check_to_the_runs_end(
+    tmp_path: Path, api: DemoAPI, engine: str, request: pytest.FixtureRequest
+) -> None:
+    """Between a run's look at who else refreshes the stream and its partitions' leases
+    (and between its partitions) it holds no partition; the stream's refresh lock still
+    keeps a second run from starting a refresh that drops the staging table it writes."""
+    db = database_url(engine, request, tmp_path)
+    cfg = load_config(write_config(tmp_path, api.url, {"items": replace_stream()}, state=db))
+    first = StreamRun(cfg, "items", flow_run_id="run-a")
+    try:
+        first.prepare()
+        assert not any(r["lease_owner"] for r in partition_rows(db, "items"))  # the window
+        second = StreamRun(cfg, "items", flow_run_id="run-b")
+        with pytest.raises(PagesyncError) as refused:
+            second.prepare()
+        second.close()
+        assert f"held by {first.owner}" in str(refused.value)
+        assert "one refresh at a time" in str(refused.value)
+    finally:
+        first.close()
+    third = StreamRun(cfg, "items", flow_run_id="run-c")  # released at the first's end
+    try:
+        third.prepare()
+    finally:
+        third.close()
+
+
+def test_a_dead_runners_refresh_lock_is_taken_over_and_a_live_ones_renewed(
+    tmp_path: Path, api: DemoAPI
+) -> None:
+    db = f"sqlite:///{tmp_path / 'p.db'}"
+    cfg = load_config(write_config(tmp_path, api.url, {"items": replace_stream()}, state=db))
+    store = Store(db, lease_ttl=0.6)
+    store.migrate()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = f"{socket.gethostname()}:{gone.stdout.strip()}:run-dead"
+    lock, _ = store.lock_stream("items", dead)  # its process is gone: it never let go
+    assert lock is not None
+    run = StreamRun(cfg, "items", flow_run_id="run-b")
+    try:
+        run.prepare()  # takes the dead runner's lock over
+        assert not store.renew_lock(lock)  # the dead runner's is no longer the lock
+        mine, holder = store.lock_stream("items", "elsewhere:1:run-x")
+        assert mine is None and holder == run.owner
+    finally:
+        run.close()
+    assert store.lock_stream("items", "elsewhere:1:run-x")[0] is not None
+
+
+def test_the_keeper_renews_a_stream_lock_until_it_is_taken_over(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'p.db'}", lease_ttl=0.3)
+    store.migrate()
+    lock, _ = store.lock_stream("items", "here:1:run-a")
+    assert lock is not None
+    with KEEPER.holding(store, lock) as held:
+        for _ in range(2):  # the keeper's thread moves the expiry on, twice
+            before = lock_expiry(store)
+            wait_for(lambda b=before: lock_expiry(store) > b, timeout=5, what="a renewal")
+        assert store.lock_stream("items", "there:2:run-b")[0] is None and not held.lost
+        with store.writing() as conn:  # taken over (as after an expiry)
+            conn.exec_driver_sql("UPDATE pagesync_meta SET value = 'there:2:run-b\n1e12' "
+                                 "WHERE key = 'refresh lock: items'")  # fmt: skip
+        wait_for(lambda: held.lost, timeout=5, what="the keeper to give up")
+    store.unlock_stream(lock)  # not ours any more: nothing happens
+    assert store.lock_stream("items", "here:1:run-a")[0] is None
+
+
+def lock_expiry(store: Store) -> float:
+    with store.reading() as conn:
+        value = conn.exec_driver_sql(
+            "SELECT value FROM pagesync_meta WHERE key = 'refresh lock: items'"
+        ).scalar()
+    return float(value.partition("\n")[2])

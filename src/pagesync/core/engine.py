@@ -49,6 +49,7 @@ from .store import (
     RUNNING,
     Lease,
     Store,
+    StreamLock,
     dumps,
     engine_for,
     owner_id,
@@ -174,6 +175,8 @@ class StreamRun:
         self._keys: list[str] = []
         #: Partitions left running by a runner that is gone: when it was last alive.
         self.orphaned: dict[str, datetime] = {}
+        #: What this run holds until `close`: a replace stream's refresh lock.
+        self._held = contextlib.ExitStack()
 
     def prepare(
         self, specs: list[PartitionSpec] | None = None, **plan_kw: Any
@@ -192,6 +195,7 @@ class StreamRun:
         self.store.ensure(self.name, self.scope, self._keys)
         rows = {p["partition"]: p for p in self.store.partitions(self.name, self.scope)}
         if self.replaces:
+            self._lock_refresh()
             self.refresh = self._choose_refresh(rows)
         self.orphaned = {
             key: since for key, row in rows.items() if (since := holder_dead_since(row)) is not None
@@ -204,6 +208,16 @@ class StreamRun:
         """(staging, live) for the stream's table and each of its child tables."""
         return records_.table_pairs(self.name, self.stream.nested.child_tables)
 
+    def _lock_refresh(self) -> None:
+        """Hold the stream's refresh lock until the run closes: from the look at who else
+        refreshes it (`_choose_refresh`) until this run's partitions are leased, and
+        between them, no other run may start a refresh and drop the staging table."""
+        lock, holder = self.store.lock_stream(self.name, self.owner)
+        if lock is None:
+            raise PagesyncError(_one_refresh(self.name, f"held by {holder}"))
+        self._held.callback(_unlock, self.store, lock)
+        self._held.enter_context(KEEPER.holding(self.store, lock))
+
     def _choose_refresh(self, rows: dict[str, dict[str, Any]]) -> str:
         """The refresh this run continues, or a new one.
 
@@ -213,17 +227,17 @@ class StreamRun:
         crash costs no page. Otherwise the last refresh was swapped in, and a new one
         starts with an empty staging table.
 
-        One refresh at a time: while another live runner holds a partition of the stream,
-        this run stops here, before it could drop the staging table that runner writes.
+        One refresh at a time: this run holds the stream's refresh lock (`_lock_refresh`),
+        and a live runner holding a partition of the stream without it (a fan-out child of
+        a run that died) stops this run here too, before it could drop the staging table
+        that runner writes.
         """
         mine = [rows[k] for k in self._keys if k in rows]
         held = [p for p in mine if p["status"] == RUNNING and holder_dead_since(p) is None]
-        if held:
-            raise PagesyncError(
-                f"stream {self.name}: another run is refreshing it (partition "
-                f"{held[0]['partition']} is held by {held[0]['lease_owner']}); a replace "
-                "stream runs one refresh at a time: run it again when that run has ended"
-            )
+        if held:  # a runner the lock does not know: a fan-out child left by a dead run
+            raise PagesyncError(_one_refresh(
+                self.name, f"partition {held[0]['partition']} is held by {held[0]['lease_owner']}"
+            ))  # fmt: skip
         if not self.full_refresh:
             open_ = [p["state"]["refresh"] for p in mine
                      if p["state"].get("refresh") and p["status"] != COMPLETE]  # fmt: skip
@@ -284,6 +298,22 @@ class StreamRun:
         self.stop.runs.discard(self)
         self.fetcher.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+        self._held.close()
+
+
+def _one_refresh(stream: str, holder: str) -> str:
+    return (
+        f"stream {stream}: another run is refreshing it ({holder}); a replace stream runs "
+        "one refresh at a time: run it again when that run has ended"
+    )
+
+
+def _unlock(store: Store, lock: StreamLock) -> None:
+    try:
+        store.unlock_stream(lock)
+    except Exception:  # the run's outcome stands; the lock expires after its TTL
+        log.warning("stream %s: releasing its refresh lock failed; it expires in %ss",
+                    lock.stream, lock.ttl, exc_info=True)  # fmt: skip
 
 
 def reopens(stream: cfg.Stream, spec: PartitionSpec, state: dict[str, Any]) -> bool:

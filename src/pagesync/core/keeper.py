@@ -7,6 +7,9 @@ TTL from one daemon thread per process, and stops the moment the partition ends.
 that dies (SIGKILL, a lost machine) stops renewing with it, so its partitions are free to
 take over after at most one TTL. Renewal is never what keeps two runners apart: the
 version compare-and-swap of every checkpoint is (`Store.write`).
+
+A replace stream's refresh lock (`Store.lock_stream`), held for a whole run, is renewed the
+same way.
 """
 
 from __future__ import annotations
@@ -14,19 +17,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 
-from .store import Lease, Store
+from .store import Lease, Store, StreamLock
 
 log = logging.getLogger("pagesync")
 
 
 @dataclass(eq=False)
 class _Held:
-    store: Store
-    lease: Lease
+    #: What is held, for the log: "partition KEY", "stream NAME".
+    what: str
+    renew: Callable[[], bool]
+    ttl: float
     due: float
     #: Set when a renewal found the lease taken over or released: renewing stops.
     lost: bool = False
@@ -41,10 +47,17 @@ class LeaseKeeper:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def holding(self, store: Store, lease: Lease | StreamLock) -> AbstractContextManager[_Held]:
+        """Renew `lease` (a partition's, or a stream's lock) while the block runs; not a
+        moment after it ends."""
+        if isinstance(lease, StreamLock):
+            return self._keeping(f"stream {lease.stream}", partial(store.renew_lock, lease),
+                                 lease.ttl)  # fmt: skip
+        return self._keeping(f"partition {lease.partition}", partial(store.renew, lease), lease.ttl)
+
     @contextmanager
-    def holding(self, store: Store, lease: Lease) -> Iterator[_Held]:
-        """Renew `lease` while the block runs; not a moment after it ends."""
-        held = _Held(store, lease, time.monotonic() + lease.ttl / 3)
+    def _keeping(self, what: str, renew: Callable[[], bool], ttl: float) -> Iterator[_Held]:
+        held = _Held(what, renew, ttl, time.monotonic() + ttl / 3)
         with self._lock:
             self._held.add(held)
             if self._thread is None or not self._thread.is_alive():
@@ -77,22 +90,20 @@ class LeaseKeeper:
             self._wake.clear()
 
     def _renew(self, h: _Held) -> None:
-        h.due = time.monotonic() + h.lease.ttl / 3
+        h.due = time.monotonic() + h.ttl / 3
         with self._lock:
             if h not in self._held:
                 return  # the partition ended while we were on the way
         try:
-            ok = h.store.renew(h.lease)
+            ok = h.renew()
         except Exception:  # the database is away: try again at the next tick
-            log.warning("renewing the lease of partition %s failed", h.lease.partition,
-                        exc_info=True)  # fmt: skip
+            log.warning("renewing the lease of %s failed", h.what, exc_info=True)
             return
         if not ok:
             h.lost = True
             with self._lock:
                 self._held.discard(h)
-            log.info("partition %s: lease no longer held by %s; renewal stopped",
-                     h.lease.partition, h.lease.owner)  # fmt: skip
+            log.info("%s: lease no longer held by this runner; renewal stopped", h.what)
 
 
 #: The process's keeper: one thread for every partition this process runs.

@@ -28,6 +28,7 @@ from sqlalchemy import (
     MetaData,
     and_,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -37,6 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateSequence, Sequence
 from sqlmodel import AutoString, Field, SQLModel
 
@@ -280,6 +282,28 @@ class Lease:
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class StreamLock:
+    """A stream held by one run as a whole (a replace stream's refresh), kept in
+    pagesync_meta as `owner` and expiry: taken, renewed and released by the owner alone."""
+
+    stream: str
+    owner: str
+    ttl: float
+
+    @property
+    def key(self) -> str:
+        return f"refresh lock: {self.stream}"
+
+    def value(self, now: float) -> str:
+        return f"{self.owner}\n{now + self.ttl!r}"
+
+
+def _lock_holder(value: str) -> tuple[str, float]:
+    owner, _, expires = value.partition("\n")
+    return owner, float(expires or 0)
+
+
 class _CheckpointSQL:
     """The two statements of every checkpoint (page log rows, then the compare-and-swap),
     as the driver's SQL text, for `run_on_driver` inside the caller's transaction.
@@ -515,6 +539,53 @@ class Store:
                 ).rowcount
                 == 1
             )
+
+    def lock_stream(self, stream: str, owner: str) -> tuple[StreamLock | None, str]:
+        """Take the stream's lock for `owner`: (the lock, owner), or (None, its live holder).
+
+        A lock whose holder is gone (expired, or a dead process on this host, as for a
+        partition's lease) is taken over; two runs taking it at once get it once: SQLite
+        and DuckDB writers queue, elsewhere the insert's key or the update's compare on the
+        value read decides.
+        """
+        lock = StreamLock(stream, owner, self.lease_ttl)
+        try:
+            with self.writing() as conn:
+                now = time.time()
+                old = conn.execute(select(M.c.value).where(M.c.key == lock.key)).scalar()
+                if old is None:
+                    conn.execute(insert(M).values(key=lock.key, value=lock.value(now)))
+                    return lock, owner
+                holder, expires = _lock_holder(old)
+                if not lease_is_free(holder, expires, owner, now):
+                    return None, holder
+                taken = conn.execute(
+                    update(M).where(M.c.key == lock.key, M.c.value == old)
+                    .values(value=lock.value(now))
+                ).rowcount  # fmt: skip
+        except IntegrityError:  # another run inserted it first
+            taken = 0
+        if taken == 1:
+            return lock, owner
+        with self.reading() as conn:
+            now_held = conn.execute(select(M.c.value).where(M.c.key == lock.key)).scalar()
+        return None, _lock_holder(now_held or "another run")[0]
+
+    def renew_lock(self, lock: StreamLock) -> bool:
+        """Push the lock's expiry one TTL ahead; False once another run took it over."""
+        with self.writing() as conn:
+            return conn.execute(
+                update(M).where(*self._held_by(lock)).values(value=lock.value(time.time()))
+            ).rowcount == 1  # fmt: skip
+
+    def unlock_stream(self, lock: StreamLock) -> None:
+        """Release the lock, if it is still ours."""
+        with self.writing() as conn:
+            conn.execute(delete(M).where(*self._held_by(lock)))
+
+    @staticmethod
+    def _held_by(lock: StreamLock) -> tuple[Any, ...]:
+        return M.c.key == lock.key, M.c.value.startswith(f"{lock.owner}\n", autoescape=True)
 
     def write(
         self,
