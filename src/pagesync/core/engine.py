@@ -193,9 +193,10 @@ class StreamRun:
         crashpoints.reached("plan")
         self._keys = [s.key for s in specs]
         self.store.ensure(self.name, self.scope, self._keys)
+        if self.replaces:
+            self._lock_refresh()  # before the rows are read: what a last holder left is there
         rows = {p["partition"]: p for p in self.store.partitions(self.name, self.scope)}
         if self.replaces:
-            self._lock_refresh()
             self.refresh = self._choose_refresh(rows)
         self.orphaned = {
             key: since for key, row in rows.items() if (since := holder_dead_since(row)) is not None
