@@ -215,8 +215,9 @@ class FanOut:
 
     # -- watching -------------------------------------------------------------------------
 
-    def _rows(self) -> dict[str, dict[str, Any]]:
-        return {r["partition"]: r for r in self.run.store.partitions(self.run.name, self.run.scope)}
+    def _rows(self, keys: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        run = self.run
+        return {r["partition"]: r for r in run.store.partitions(run.name, run.scope, keys)}
 
     def _settled(self, row: dict[str, Any]) -> bool:
         """Finished (complete, or incomplete with its error) since it was last submitted."""
@@ -237,7 +238,8 @@ class FanOut:
         runs: list[FlowRun] = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[c.id for c in active]))
         )
-        rows = self._rows()
+        # Only the partitions in flight: a stream of thousands is polled every POLL seconds.
+        rows = self._rows(sorted({k for c in active for k in c.keys}))
         by_id = {r.id: r for r in runs}
         now, mono = time.time(), time.monotonic()
         ttl = self.run.source.lease_ttl

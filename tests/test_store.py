@@ -201,6 +201,18 @@ def test_ensure_keeps_scopes_apart(store: Store) -> None:
     assert len(store.partitions("items", scope=None)) == 3
 
 
+def test_partitions_read_by_key(store: Store) -> None:
+    """What a fan-out coordinator polls: the partitions in flight, not the whole stream."""
+    store.ensure("items", "", ["a", "b", "c", "d"])
+    store.ensure("items", "backfill-1", ["b"])
+    assert [r["partition"] for r in store.partitions("items", keys=["d", "b"])] == ["b", "d"]
+    assert [r["scope"] for r in store.partitions("items", scope=None, keys=["b"])] == [
+        "",
+        "backfill-1",
+    ]
+    assert store.partitions("items", keys=[]) == []
+
+
 # -- leases --------------------------------------------------------------------------------------
 
 

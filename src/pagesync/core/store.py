@@ -409,13 +409,18 @@ class Store:
 
     # -- reading --------------------------------------------------------------------------
 
-    def partitions(self, stream: str | None = None, scope: str | None = "") -> list[dict[str, Any]]:
-        """Rows as dicts with `state` parsed, ordered by stream and partition."""
+    def partitions(
+        self, stream: str | None = None, scope: str | None = "", keys: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Rows as dicts with `state` parsed, ordered by stream and partition; with `keys`,
+        those partitions' only (a poll of the few in flight among thousands)."""
         q = select(P)
         if stream is not None:
             q = q.where(P.c.stream == stream)
         if scope is not None:
             q = q.where(P.c.scope == scope)
+        if keys is not None:
+            q = q.where(P.c.partition.in_(keys))
         with self.reading() as conn:
             rows = conn.execute(q.order_by(P.c.stream, P.c.scope, P.c.partition)).mappings().all()
         return [{**row, "state": loads(row["state"]) or {}} for row in rows]
