@@ -170,23 +170,28 @@ def test_a_record_naming_another_process_is_no_server(tmp_path: Path) -> None:
     assert files.read() is None
 
 
-def test_runs_on_the_local_server_send_no_heartbeats(prefect_api_url: str) -> None:
+def test_runs_on_the_local_server_skip_heartbeats_and_version_checks(prefect_api_url: str) -> None:
     """Heartbeats only serve automations, which the local server does not run; joining
-    their thread cost up to a second per run. Elsewhere the user's setting stands."""
+    their thread cost up to a second per run. The version check asks a server that runs
+    this very Prefect. Elsewhere the user's settings stand."""
     from prefect import flow
     from prefect.settings import get_current_settings
 
     from pagesync.cli.launch import _run_flow
 
-    @flow(persist_result=False)
-    def heartbeat_seen() -> int | None:
-        return get_current_settings().flows.heartbeat_frequency
+    def asked() -> tuple[int | None, bool]:
+        settings = get_current_settings()
+        return settings.flows.heartbeat_frequency, settings.client.server_version_check_enabled
 
-    before = get_current_settings().flows.heartbeat_frequency
-    assert before is not None  # Prefect's default sends them
-    assert _run_flow(heartbeat_seen, local=True) is None
-    assert _run_flow(heartbeat_seen, local=False) == before
-    assert get_current_settings().flows.heartbeat_frequency == before
+    @flow(persist_result=False)
+    def settings_seen() -> tuple[int | None, bool]:
+        return asked()
+
+    before = asked()
+    assert before[0] is not None and before[1] is True  # Prefect's defaults
+    assert tuple(_run_flow(settings_seen, local=True)) == (None, False)
+    assert tuple(_run_flow(settings_seen, local=False)) == before
+    assert asked() == before
 
 
 def test_runs_keep_the_garbage_collector_out_of_the_page_loop() -> None:

@@ -59,3 +59,12 @@ def test_each_stream_has_its_own_stream_flow() -> None:
     assert isinstance(flow.task_runner, ThreadPoolTaskRunner)
     assert flow.task_runner._max_workers == 5  # noqa: SLF001
     assert flow.fn is sync_stream.fn and flow.parameters == sync_stream.parameters
+
+
+def test_a_stream_flow_takes_other_options_in_the_same_copy() -> None:
+    def hook(*_: object) -> None: ...
+
+    flow = flow_for("orders", 3, on_running=[hook], retries=2)
+    assert isinstance(flow, StreamFlow) and (flow.name, flow.retries) == ("orders", 2)
+    assert flow.on_running_hooks == [hook] and flow.task_runner._max_workers == 3  # noqa: SLF001
+    assert sync_stream.on_running_hooks == [] and flow_for("orders").on_running_hooks == []

@@ -122,11 +122,10 @@ def run_stream(
     previous = _install_stop_handlers(console, hooks.stop, stopped)
     try:
         source = config.sources[config.stream(stream).source]
-        flow = flow_for(stream, source.concurrency)
-        if server is not None and server.idle:
-            # On the kept server, nothing else would end this run's flow runs should this
-            # process be killed: the next run marks them Crashed.
-            flow = flow.with_options(on_running=[_note_flow_run])
+        # On the kept server, nothing else would end this run's flow runs should this
+        # process be killed: the next run marks them Crashed.
+        kept = server is not None and server.idle
+        flow = flow_for(stream, source.concurrency, on_running=[_note_flow_run] if kept else None)
 
         # The store's engines are made while Prefect creates the flow run.
         warm_engines(config.state, config.destination_url)
@@ -178,11 +177,13 @@ def server_note(server: local_server.LocalServer) -> str:
 
 
 def _run_flow(flow: Any, *, local: bool, **kwargs: Any) -> Any:
-    """Call the flow; on our local server, without flow-run heartbeats.
+    """Call the flow; on our local server, without flow-run heartbeats or version checks.
 
     Heartbeats let a server notice a run whose process died, through an automation; the
     local server runs no automations, so they are of no use there, and stopping their
-    thread costs up to a second at the end of every run.
+    thread costs up to a second at the end of every run. Each Prefect client asks the
+    server's version once (the async one through a new TLS context, 20 to 40 ms before
+    the first page); the local server runs this very Prefect (`LocalServer.find`).
     """
     if not local:
         return flow(**kwargs)
@@ -192,7 +193,8 @@ def _run_flow(flow: Any, *, local: bool, **kwargs: Any) -> Any:
     # validates all of them again (20 ms of a 500 ms run, measured).
     ctx = get_settings_context()
     flows = ctx.settings.flows.model_copy(update={"heartbeat_frequency": None})
-    settings = ctx.settings.model_copy(update={"flows": flows})
+    client = ctx.settings.client.model_copy(update={"server_version_check_enabled": False})
+    settings = ctx.settings.model_copy(update={"flows": flows, "client": client})
     with SettingsContext(profile=ctx.profile, settings=settings):
         return flow(**kwargs)
 
