@@ -4,6 +4,7 @@ midway; the live table is read between the runs, as a reader would."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -195,6 +196,12 @@ def test_a_second_run_while_a_refresh_runs_stops_and_drops_nothing(
         assert second.returncode == 1, second.stdout + second.stderr
         line = one_line(second.stdout + second.stderr, "another run is refreshing it")
         assert f":{first.pid}:" in line and "one refresh at a time" in line
+        # `pagesync state` names the refresh's holder before anyone tries
+        shown = run_cli("state", "items", "-c", str(path), COLUMNS="250")
+        line = one_line(shown.stdout, "refreshing in")
+        assert line.startswith("items: ") and f":{first.pid}:" in line, shown.stdout
+        views = json.loads(run_cli("state", "items", "-c", str(path), "--json").stdout)
+        assert views and all(f":{first.pid}:" in v["refresh_held_by"] for v in views), views
         api.clear_faults()
         out, err = first.communicate(timeout=300)
     finally:
@@ -202,6 +209,10 @@ def test_a_second_run_while_a_refresh_runs_stops_and_drops_nothing(
     assert first.returncode == 0, out + err
     assert snapshot(db) == upstream(api)
     assert STAGING not in tables(db)
+    shown = run_cli("state", "items", "-c", str(path), COLUMNS="250")
+    assert "refresh" not in shown.stdout, shown.stdout  # released at the run's end
+    views = json.loads(run_cli("state", "items", "-c", str(path), "--json").stdout)
+    assert [v["refresh_held_by"] for v in views] == [None] * len(views)
 
 
 def running_with_pages(db: str) -> bool:
@@ -258,6 +269,9 @@ def test_a_dead_runners_refresh_lock_is_taken_over_and_a_live_ones_renewed(
     dead = f"{socket.gethostname()}:{gone.stdout.strip()}:run-dead"
     lock, _ = store.lock_stream("items", dead)  # its process is gone: it never let go
     assert lock is not None
+    shown = run_cli("state", "-c", str(cfg.path), COLUMNS="250")
+    line = one_line(shown.stdout, "left unfinished by a runner that is gone")
+    assert line.startswith("items: ") and dead in line and "next run takes it over" in line
     run = StreamRun(cfg, "items", flow_run_id="run-b")
     try:
         run.prepare()  # takes the dead runner's lock over

@@ -227,10 +227,11 @@ def state_show(
 ) -> None:
     """Per partition: status, cursor, pages, records, last update, and the last flow run
     that committed a page (its link in the Prefect UI when its address is known)."""
-    from ..core.views import partition_views
+    from ..core.views import partition_views, refresh_locks
 
     cfg, store = _opened(config, stream)
-    views = partition_views(store, stream)
+    locks = refresh_locks(store, stream)
+    views = partition_views(store, stream, locks)
     ui = ui_url()
     if as_json:
         _print_json([
@@ -241,7 +242,24 @@ def state_show(
         return
     if not views:
         out.print("No state yet" + (f" for {stream}" if stream else "") + ".")
-        return
+    else:
+        _partition_table(views, ui)
+    for lock in locks:
+        name, holder = escape(lock.stream), escape(lock.holder)
+        if lock.holder_gone:
+            line = (f"[red]{name}:[/red] a refresh left unfinished by a runner that is gone "
+                    f"({holder}); the next run takes it over")  # fmt: skip
+        else:
+            line = (f"[yellow]{name}:[/yellow] refreshing in {holder} (its lock is renewed, "
+                    f"now until {lock.expires_at:%H:%M:%S} UTC); another refresh of it is "
+                    "refused until it ends")  # fmt: skip
+        out.print(line, highlight=False)
+    for v in views:
+        if v.error:
+            err.print(f"[red]{escape(v.stream)} · {escape(v.partition)}:[/red] {escape(v.error)}")
+
+
+def _partition_table(views: list[Any], ui: str | None) -> None:
     table = Table()
     cols = ("stream", "partition", "status", "cursor", "pages", "records", "updated_at")
     for col in (*cols, "last flow run"):
@@ -258,9 +276,6 @@ def state_show(
             flow_run_url(ui, run) if ui and run else run,
         )  # fmt: skip
     _print_whole(table)
-    for v in views:
-        if v.error:
-            err.print(f"[red]{escape(v.stream)} · {escape(v.partition)}:[/red] {escape(v.error)}")
 
 
 @state_app.command("import")

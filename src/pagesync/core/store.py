@@ -291,9 +291,12 @@ class StreamLock:
     owner: str
     ttl: float
 
+    #: The pagesync_meta key of a stream's lock is this prefix and the stream's name.
+    PREFIX = "refresh lock: "
+
     @property
     def key(self) -> str:
-        return f"refresh lock: {self.stream}"
+        return f"{self.PREFIX}{self.stream}"
 
     def value(self, now: float) -> str:
         return f"{self.owner}\n{now + self.ttl!r}"
@@ -575,6 +578,15 @@ class Store:
         with self.reading() as conn:
             now_held = conn.execute(select(M.c.value).where(M.c.key == lock.key)).scalar()
         return None, _lock_holder(now_held or "another run")[0]
+
+    def stream_locks(self, stream: str | None = None) -> dict[str, tuple[str, float]]:
+        """The streams held as a whole (a replace stream's refresh): stream -> (holder,
+        expiry), whether or not the holder still lives."""
+        prefix = StreamLock.PREFIX
+        where = (M.c.key == f"{prefix}{stream}") if stream else M.c.key.startswith(prefix)
+        with self.reading() as conn:
+            rows = conn.execute(select(M.c.key, M.c.value).where(where)).all()
+        return {key.removeprefix(prefix): _lock_holder(value) for key, value in rows}
 
     def renew_lock(self, lock: StreamLock) -> bool:
         """Push the lock's expiry one TTL ahead; False once another run took it over."""

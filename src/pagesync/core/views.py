@@ -35,6 +35,9 @@ class PartitionView(BaseModel):
     #: host is dead): when it was last known alive. Nothing runs the partition; the next
     #: run takes it over and resumes it.
     holder_dead_since: datetime | None = None
+    #: A replace stream's refresh in progress: the runner holding it, while it lives
+    #: (another refresh of the stream is refused until it ends).
+    refresh_held_by: str | None = None
 
     @property
     def shown_status(self) -> str:
@@ -55,6 +58,23 @@ class PageView(BaseModel):
     task_run_id: str | None = None
 
 
+class RefreshLockView(BaseModel):
+    """A replace stream's refresh lock (`Store.lock_stream`): who holds it, until when."""
+
+    stream: str
+    holder: str
+    expires_at: datetime
+    #: The holder is gone (the lock expired, or its process on this host is dead): the
+    #: next run takes the lock over.
+    holder_gone: bool
+
+
+def _gone(owner: str, expires: float, now: float) -> bool:
+    """Whether a holder within its expiry is gone: asked as a runner of this host that holds
+    nothing, so only a dead process is free (elsewhere the expiry decides)."""
+    return lease_is_free(owner, expires, f"{owner_id().partition(':')[0]}:0:-", now)
+
+
 def holder_dead_since(row: dict[str, Any], now: float | None = None) -> datetime | None:
     """For a running partition whose lease holder is gone, when it was last known alive:
     the lease's expiry if it expired, else (a dead process on this host, as the lease
@@ -64,8 +84,7 @@ def holder_dead_since(row: dict[str, Any], now: float | None = None) -> datetime
     now = time.time() if now is None else now
     owner, expires = row["lease_owner"], row["lease_expires"]
     if owner and expires is not None and expires > now:
-        # Asked as a runner of this host that holds nothing: only a dead holder is free.
-        if not lease_is_free(owner, expires, f"{owner_id().partition(':')[0]}:0:-", now):
+        if not _gone(owner, expires, now):
             return None  # alive, or on another host and within its lease
         return _aware(row["updated_at"])
     if expires is not None:
@@ -78,8 +97,25 @@ def _aware(stamp: datetime) -> datetime:
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
-def partition_views(store: Store, stream: str | None = None) -> list[PartitionView]:
+def refresh_locks(store: Store, stream: str | None = None) -> list[RefreshLockView]:
+    now = time.time()
+    return [
+        RefreshLockView(
+            stream=name,
+            holder=holder,
+            expires_at=datetime.fromtimestamp(expires, UTC),
+            holder_gone=_gone(holder, expires, now),
+        )  # fmt: skip
+        for name, (holder, expires) in sorted(store.stream_locks(stream).items())
+    ]
+
+
+def partition_views(
+    store: Store, stream: str | None = None, locks: list[RefreshLockView] | None = None
+) -> list[PartitionView]:
+    """Each partition's row; `locks` (`refresh_locks`) fills in who refreshes its stream."""
     last_runs = store.last_flow_runs(stream)
+    refreshing = {lock.stream: lock.holder for lock in locks or () if not lock.holder_gone}
     now = time.time()
     return [
         PartitionView(
@@ -96,6 +132,7 @@ def partition_views(store: Store, stream: str | None = None) -> list[PartitionVi
             flow_run_id=last_runs.get((row["stream"], row["scope"], row["partition"])),
             holder=row["lease_owner"] if row["status"] == RUNNING else None,
             holder_dead_since=holder_dead_since(row, now),
+            refresh_held_by=refreshing.get(row["stream"]),
         )
         for row in store.partitions(stream, scope=None)
     ]
