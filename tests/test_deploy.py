@@ -5,6 +5,7 @@ own, a fresh one)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import daily_stream, run_cli, write_config
-from helpers import assert_exactly_once, wait_for, write_project_code
+from helpers import assert_exactly_once, committed_pages, wait_for, write_project_code
 
 from pagesync.core.config import load_config
 from pagesync.demo.api import DemoAPI
@@ -344,6 +345,57 @@ def test_deploy_registers_to_a_work_pool_and_a_worker_runs_the_stream(
     )
     assert down.returncode == 1 and "no Prefect server answers at" in down.stderr
     assert "Traceback" not in down.stderr
+
+
+def test_cancelled_in_the_ui_a_workers_run_stops_keeping_its_pages_and_a_rerun_resumes(
+    tmp_path: Path, api: DemoAPI, prefect_api_url: str
+) -> None:
+    """Cancel on a running backfill's flow run (what the UI's Cancel button asks of the API:
+    the state Cancelling) while a process worker runs it: the worker stops the run's
+    process, the flow run ends Cancelled, the pages it committed stay, and the same backfill
+    run again fetches only the pages that were not committed: every record once."""
+    import psutil
+    from prefect.states import Cancelling
+
+    stream = f"cancel_{uuid.uuid4().hex[:6]}"
+    path = write_config(tmp_path, api.url, {stream: {**daily_stream(5), "schedule": NEVER}})
+    db = f"sqlite:///{tmp_path / 'pagesync.db'}"
+    window = {"start": "2024-01-10T00:00:00Z", "end": "2024-01-11T00:00:00Z"}
+    api.add_fault(kind="slow", delay=2.0, times=-1, after=3)  # slow from the 4th request
+    with work_pool() as pool:
+        assert run_cli("deploy", "-c", str(path), "--pool", pool).returncode == 0
+        with client() as c:
+            backfill = c.read_deployment_by_name(f"{stream}/backfill")
+            flow_run = c.create_flow_run_from_deployment(backfill.id, parameters=window)
+        env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+        with open(tmp_path / "worker.log", "wb") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool],
+                env=env, cwd=tmp_path.parent, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            wait_for(lambda: committed_pages(db, stream) >= 2, timeout=180, what="2 pages")
+            with client() as c:
+                c.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+            done = wait_final(flow_run.id, timeout=120)
+            assert done.state.is_cancelled(), (tmp_path / "worker.log").read_text()
+            wait_for(lambda: not psutil.Process(worker.pid).children(recursive=True),
+                     timeout=60, what="the run's process to end")  # fmt: skip
+            assert worker.poll() is None  # the worker goes on
+        finally:
+            worker.terminate()
+            worker.wait(60)
+    kept = committed_pages(db, stream)
+    assert kept >= 2
+    api.clear_faults()
+    again = run_cli("backfill", stream, "--start", window["start"], "--end", window["end"],
+                    "-c", str(path))  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert_exactly_once(db, stream, in_range(api, "2024-01-10", "2024-01-11"))
+    pages = json.loads(run_cli("history", stream, "-c", str(path), "--json").stdout)
+    first = sorted(p["page"] for p in pages if p["flow_run_id"] == str(flow_run.id))
+    rest = sorted(p["page"] for p in pages if p["flow_run_id"] != str(flow_run.id))
+    assert first == list(range(1, kept + 1)) and rest[0] == kept + 1, (first, rest)
 
 
 def test_prefect_yaml_deploys_what_pagesync_deploy_builds(tmp_path: Path) -> None:
