@@ -140,6 +140,22 @@ def test_with_idle_zero_the_server_dies_with_its_run(tmp_path: Path, api: DemoAP
     assert not (home / "pagesync-server.json").exists()
 
 
+def test_the_local_server_asks_no_csrf_token_whatever_the_users_server_settings(
+    tmp_path: Path, api: DemoAPI
+) -> None:
+    """Runs on the local server fetch no CSRF token (a request per Prefect client saved); a
+    user's PREFECT_SERVER_CSRF_PROTECTION_ENABLED, meant for their own servers, does not
+    reach the local server, whose API asks for the secret instead."""
+    home = tmp_path / "prefect-home"
+    path = write_config(tmp_path, api.url, {"items": STREAMS["next_url"]})
+    env = _env(home, PAGESYNC_SERVER_IDLE="0", PREFECT_SERVER_CSRF_PROTECTION_ENABLED="true")
+    done = _cli(env, "run", "items", "-c", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_exactly_once(
+        f"sqlite:///{tmp_path / 'pagesync.db'}", "items", [i["id"] for i in api.items]
+    )
+
+
 def test_a_kept_server_leaves_after_its_idle_time(tmp_path: Path, api: DemoAPI) -> None:
     home = tmp_path / "prefect-home"
     path = write_config(tmp_path, api.url, {"items": STREAMS["next_url"]})
@@ -170,7 +186,9 @@ def test_a_record_naming_another_process_is_no_server(tmp_path: Path) -> None:
     assert files.read() is None
 
 
-def test_runs_on_the_local_server_skip_heartbeats_and_version_checks(prefect_api_url: str) -> None:
+def test_runs_on_the_local_server_skip_heartbeats_version_checks_and_csrf_tokens(
+    prefect_api_url: str,
+) -> None:
     """Heartbeats only serve automations, which the local server does not run; joining
     their thread cost up to a second per run. The version check asks a server that runs
     this very Prefect. Elsewhere the user's settings stand."""
@@ -179,17 +197,19 @@ def test_runs_on_the_local_server_skip_heartbeats_and_version_checks(prefect_api
 
     from pagesync.cli.launch import _run_flow
 
-    def asked() -> tuple[int | None, bool]:
+    def asked() -> tuple[int | None, bool, bool]:
         settings = get_current_settings()
-        return settings.flows.heartbeat_frequency, settings.client.server_version_check_enabled
+        client = settings.client
+        return (settings.flows.heartbeat_frequency, client.server_version_check_enabled,
+                client.csrf_support_enabled)  # fmt: skip
 
     @flow(persist_result=False)
-    def settings_seen() -> tuple[int | None, bool]:
+    def settings_seen() -> tuple[int | None, bool, bool]:
         return asked()
 
     before = asked()
-    assert before[0] is not None and before[1] is True  # Prefect's defaults
-    assert tuple(_run_flow(settings_seen, local=True)) == (None, False)
+    assert before[0] is not None and before[1:] == (True, True)  # Prefect's defaults
+    assert tuple(_run_flow(settings_seen, local=True)) == (None, False, False)
     assert tuple(_run_flow(settings_seen, local=False)) == before
     assert asked() == before
 

@@ -177,13 +177,15 @@ def server_note(server: local_server.LocalServer) -> str:
 
 
 def _run_flow(flow: Any, *, local: bool, **kwargs: Any) -> Any:
-    """Call the flow; on our local server, without flow-run heartbeats or version checks.
+    """Call the flow; on our local server, without flow-run heartbeats, version checks or
+    CSRF tokens.
 
     Heartbeats let a server notice a run whose process died, through an automation; the
     local server runs no automations, so they are of no use there, and stopping their
     thread costs up to a second at the end of every run. Each Prefect client asks the
     server's version once (the async one through a new TLS context, 20 to 40 ms before
-    the first page); the local server runs this very Prefect (`LocalServer.find`).
+    the first page), and a CSRF token before its first change: the local server runs this
+    very Prefect and asks for no token (`LocalServer.find`, `SERVER_ENV`).
     """
     if not local:
         return flow(**kwargs)
@@ -193,7 +195,9 @@ def _run_flow(flow: Any, *, local: bool, **kwargs: Any) -> Any:
     # validates all of them again (20 ms of a 500 ms run, measured).
     ctx = get_settings_context()
     flows = ctx.settings.flows.model_copy(update={"heartbeat_frequency": None})
-    client = ctx.settings.client.model_copy(update={"server_version_check_enabled": False})
+    client = ctx.settings.client.model_copy(
+        update={"server_version_check_enabled": False, "csrf_support_enabled": False}
+    )
     settings = ctx.settings.model_copy(update={"flows": flows, "client": client})
     with SettingsContext(profile=ctx.profile, settings=settings):
         return flow(**kwargs)
