@@ -29,6 +29,7 @@ from .links import flow_run_url, task_run_url, ui_url
 
 if TYPE_CHECKING:
     from ..core.store import Store
+    from ..core.views import PartitionView
 
 app = typer.Typer(
     name="pagesync",
@@ -259,7 +260,7 @@ def state_show(
             err.print(f"[red]{escape(v.stream)} · {escape(v.partition)}:[/red] {escape(v.error)}")
 
 
-def _partition_table(views: list[Any], ui: str | None) -> None:
+def _partition_table(views: list[PartitionView], ui: str | None) -> None:
     table = Table()
     cols = ("stream", "partition", "status", "cursor", "pages", "records", "updated_at")
     for col in (*cols, "last flow run"):

@@ -98,6 +98,7 @@ def _aware(stamp: datetime) -> datetime:
 
 
 def refresh_locks(store: Store, stream: str | None = None) -> list[RefreshLockView]:
+    """The refreshes in progress (or left by a runner that is gone), by stream."""
     now = time.time()
     return [
         RefreshLockView(
@@ -105,7 +106,7 @@ def refresh_locks(store: Store, stream: str | None = None) -> list[RefreshLockVi
             holder=holder,
             expires_at=datetime.fromtimestamp(expires, UTC),
             holder_gone=_gone(holder, expires, now),
-        )  # fmt: skip
+        )
         for name, (holder, expires) in sorted(store.stream_locks(stream).items())
     ]
 
