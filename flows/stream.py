@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -19,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.urls import url_for
 
 from pagesync.core.config import Config, load_config
-from pagesync.core.engine import Observer, PartitionOutcome, Stop, StreamRun
+from pagesync.core.engine import ABORT_AFTER, Observer, PartitionOutcome, Stop, StreamRun
 from pagesync.core.errors import ConfigError
 from pagesync.core.partitions import PartitionSpec
 from pagesync.tasks import tagged
@@ -69,6 +70,10 @@ def backfill_scope(
     hi = end.strftime("%Y-%m-%dT%H:%M:%SZ") if end else "-"
     return f"backfill {stream} {lo}..{hi}"
 
+
+#: Seconds a stopped flow run waits for its partitions to end (Prefect's runners and workers
+#: kill a process 30 s after its SIGTERM).
+STOP_GRACE = 10.0
 
 #: Parameter types stored without Prefect's encoder: as they are, a datetime in ISO form.
 _PLAIN = (str, int, float, bool, type(None), datetime)
@@ -176,7 +181,11 @@ def run_in_threads(run: StreamRun, specs: list[PartitionSpec], stream: str) -> R
     or a child flow run of `fan_out: deployment` with its batch)."""
     partition = tagged(stream)
     futures = [partition.submit(run, s, stream, s.key) for s in specs]
-    wait(futures)
+    try:
+        wait(futures)
+    except BaseException as exc:
+        _stop_partitions(run, exc, futures)
+        raise
     outcomes: list[PartitionOutcome] = []
     errors: list[Exception] = []
     links = {s.key: _task_run_link(str(f.task_run_id)) for s, f in zip(specs, futures, strict=True)}
@@ -188,6 +197,18 @@ def run_in_threads(run: StreamRun, specs: list[PartitionSpec], stream: str) -> R
             errors.append(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
             outcomes.append(PartitionOutcome(s.key, "incomplete", error=str(exc)))
     return outcomes, errors, links
+
+
+def _stop_partitions(run: StreamRun, exc: BaseException, futures: list[Any]) -> None:
+    """The flow run is told to end while its partitions run: Prefect raises its
+    TerminationSignal in the flow on SIGTERM (a Cancel in the UI, a worker or `pagesync up`
+    that stops). As the CLI does on SIGTERM, every partition ends after its page in
+    progress (requests still in flight after `ABORT_AFTER` are aborted), and the flow run
+    ends once they have, or after `STOP_GRACE`: before its store and client are closed."""
+    number = getattr(exc, "signal", None)
+    reason = signal.Signals(number).name if isinstance(number, int) else type(exc).__name__
+    run.stop.request(reason, abort_after=ABORT_AFTER)
+    wait(futures, timeout=STOP_GRACE)
 
 
 def _fan_out(

@@ -6,6 +6,7 @@ own, a fresh one)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -180,7 +181,14 @@ def test_a_prefect_without_the_form_attribute_keeps_its_full_form(
         flow_name, name = "items", "backfill"
 
     moved = Moved()
-    _set_form(moved, ParameterSchema())  # type: ignore[arg-type]
+    # Straight to caplog's handler: importing Prefect first in this process (this test run
+    # alone) sets up its logging, which replaces the root logger's handlers, caplog's too.
+    log = logging.getLogger("pagesync")
+    log.addHandler(caplog.handler)
+    try:
+        _set_form(moved, ParameterSchema())  # type: ignore[arg-type]
+    finally:
+        log.removeHandler(caplog.handler)
     assert not hasattr(moved, "_parameter_openapi_schema")
     assert "shows every flow parameter" in caplog.text
 

@@ -4,10 +4,11 @@ Prefect server, into SQLite and PostgreSQL."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import STREAMS, database_url, write_config
-from helpers import assert_counters_match_log, assert_exactly_once, partition_rows, rows
+from helpers import assert_counters_match_log, assert_exactly_once, partition_rows, rows, wait_for
 
 from pagesync.core.config import load_config
 from pagesync.core.errors import ConfigError
@@ -98,6 +99,40 @@ def test_separate_destination_is_at_least_once_without_duplicates(
     sync(path, "items")
     sync(path, "items", full_refresh=True)  # everything again: upserted, not duplicated
     assert_exactly_once(dest, "items", [i["id"] for i in api.items])
+
+
+def test_a_stop_aborts_the_request_in_flight_and_says_so(tmp_path: Path, api: DemoAPI) -> None:
+    """A stop requested while a page's request is in flight (SIGTERM, Ctrl-C, a cancelled
+    flow run): the request is aborted after `abort_after`, and the page fails as stopped
+    during that page, not with the closed client's error; the next run syncs it all."""
+    import threading
+
+    from pagesync.core.engine import Stop
+    from pagesync.flows import RunHooks, flow_for, run_hooks
+
+    path = write_config(tmp_path, api.url, {"items": STREAMS["cursor"]})
+    api.clear_requests()
+    api.add_fault(kind="slow", delay=8.0, times=1)  # the first page's request
+    stop = Stop()
+    ended: list[Any] = []
+
+    def run() -> None:
+        with run_hooks(RunHooks(stop=stop)):
+            ended.append(flow_for("items")(stream="items", config=str(path), return_state=True))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_for(lambda: api.requests, 60, what="the first page's request")
+    stop.request("test", abort_after=0.2)
+    thread.join(60)
+    [state] = ended
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False).exceptions[0])
+    assert "stopped (test) during page 1, which was not committed" in message, message
+
+    assert sync(path, "items")["complete"] == 1
+    db = f"sqlite:///{tmp_path / 'pagesync.db'}"
+    assert_exactly_once(db, "items", [i["id"] for i in api.items])
 
 
 @pytest.mark.floor

@@ -20,7 +20,13 @@ from typing import Any
 
 import pytest
 from conftest import run_cli, write_config
-from helpers import assert_counters_match_log, assert_exactly_once, partition_rows, wait_for
+from helpers import (
+    assert_counters_match_log,
+    assert_exactly_once,
+    committed_pages,
+    partition_rows,
+    wait_for,
+)
 from test_deploy import DAILY, NEVER, Up, client, in_range, wait_final
 
 from pagesync.demo.api import DemoAPI
@@ -300,6 +306,71 @@ def test_failed_backfill_retried_from_the_ui_fetches_only_what_was_not_committed
     assert not complete & set(fetched), f"complete windows fetched again: {complete & set(fetched)}"
     for window, cursor in resumed.items():
         assert min(fetched[window]) == cursor, (window, cursor, fetched[window][:2])
+
+
+def test_a_backfill_cancelled_from_the_ui_keeps_its_pages_and_a_rerun_resumes(
+    page: Any, ui: str, served: tuple[str, Path], api: DemoAPI, tmp_path: Path
+) -> None:
+    """Cancel on a running backfill's flow run page (its confirmation, too): `pagesync up`'s
+    runner stops the run's process, whose partitions end after their pages in progress; the
+    flow run ends Cancelled, no task run is left Running, the pages it committed stay, and
+    the same backfill run again fetches each window from its next page on: every record
+    once."""
+    stream, path = served
+    db = f"sqlite:///{tmp_path / 'pagesync.db'}"
+    start, end = "2024-01-10T00:00:00Z", "2024-01-15T00:00:00Z"
+    api.add_fault(kind="slow", delay=5.0, times=-1, after=6)  # slow once it has begun
+    with client() as c:
+        deployment = c.read_deployment_by_name(f"{stream}/backfill")
+        run = c.create_flow_run_from_deployment(
+            deployment.id, parameters={"start": start, "end": end}
+        )
+    wait_for(lambda: committed_pages(db, stream) >= 2, 180, what="2 committed pages")
+    open_flow_run(page, ui, run.id)
+
+    def cancel() -> None:
+        modal = page.locator(".p-modal")
+        if not modal.is_visible():  # after a refused cancel, the dialog may still be open
+            page.get_by_role("button", name="Cancel", exact=True).first.click()
+        modal.get_by_role("button", name="Confirm").click()
+
+    with client() as c:
+        through_busy_server(
+            page, cancel, _until(page, lambda: not c.read_flow_run(run.id).state.is_running()),
+            what="the UI's cancel of the running flow run",
+        )  # fmt: skip
+    cancelled = wait_final(run.id)
+    assert cancelled.state.is_cancelled(), cancelled.state
+    page.reload()
+    page.get_by_text("Cancelled").first.wait_for()
+    page.screenshot(path=str(output_folder("cancel") / "flow-run.png"), full_page=True)
+    kept = history(path, stream)
+    assert kept and all(p["flow_run_id"] == str(run.id) for p in kept)
+    # No task run is left Running: the partitions ended after their pages in progress, and
+    # what did not commit says it was stopped, and from which page it resumes.
+    with client() as c:  # the server records task runs from their events, a moment later
+        runs = wait_for(
+            lambda: (r := _task_runs_of(c, run.id)) and all(t.state.is_final() for t in r) and r,
+            60, what="every task run of the cancelled flow run in a final state",
+        )  # fmt: skip
+    unfinished = [t.state.message or "" for t in runs if not t.state.is_completed()]
+    assert unfinished and all("stopped (SIGTERM)" in m for m in unfinished), unfinished
+
+    api.clear_faults()
+    again = run_cli("backfill", stream, "--start", start, "--end", end, "-c", str(path))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert_exactly_once(db, stream, in_range(api, start[:10], end[:10]))
+    assert_counters_match_log(db, stream)
+    # Each window's pages: those of the cancelled run first, then the rerun's from the next
+    # page on; nothing committed was fetched and committed again.
+    windows: dict[str, list[tuple[int, bool]]] = {}
+    for p in history(path, stream):
+        windows.setdefault(p["partition"], []).append((p["page"], p["flow_run_id"] == str(run.id)))
+    for window, pages in windows.items():
+        numbers = sorted(n for n, _ in pages)
+        assert numbers == list(range(1, len(pages) + 1)), (window, pages)
+        ours = sorted(n for n, by_cancelled in pages if by_cancelled)
+        assert ours == numbers[: len(ours)], (window, pages)
 
 
 def _day_before(day: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from ..core.config import Config
-from ..core.engine import PartitionOutcome, Stop
+from ..core.engine import ABORT_AFTER, PartitionOutcome, Stop
 from ..core.store import warm_engines
 from ..prefect import local_server
 from ..prefect.settings import configure
@@ -238,10 +238,7 @@ def _install_stop_handlers(console: Console, stop: Stop, stopped: list[int]) -> 
         console.print(
             f"[yellow]{name}: stopping after the page in progress (again to quit now)[/yellow]"
         )
-        stop.request(name)
-        timer = threading.Timer(3.0, stop.abort_requests)
-        timer.daemon = True
-        timer.start()
+        stop.request(name, abort_after=ABORT_AFTER)
 
     if threading.current_thread() is not threading.main_thread():
         return {}

@@ -61,6 +61,11 @@ from .views import holder_dead_since
 log = logging.getLogger("pagesync")
 
 
+#: Seconds a stopped run's requests in flight get to finish their pages before they are
+#: aborted (SIGTERM and Ctrl-C in the CLI, a cancelled or stopped flow run elsewhere).
+ABORT_AFTER = 3.0
+
+
 class Stop:
     """A request to stop a run at its next page boundary (SIGTERM, Ctrl-C): every
     partition ends after its page in progress, and committed pages stay.
@@ -75,9 +80,15 @@ class Stop:
         #: The runs this stop reaches (each registers itself while it lives).
         self.runs: set[StreamRun] = set()
 
-    def request(self, reason: str) -> None:
+    def request(self, reason: str, abort_after: float | None = None) -> None:
+        """Stop at the next page boundary; with `abort_after`, requests still in flight that
+        many seconds later are aborted (`abort_requests`)."""
         self.reason = reason
         self._event.set()
+        if abort_after is not None:
+            timer = threading.Timer(abort_after, self.abort_requests)
+            timer.daemon = True
+            timer.start()
 
     def is_set(self) -> bool:
         return self._event.is_set()
@@ -473,6 +484,12 @@ class PartitionRun:
                 self.last = self._one_page(task_run_id)
             except BaseException as exc:
                 self._rollback()
+                if self.run.stop.is_set() and not isinstance(exc, Stopped):
+                    # a request aborted by the stop, or anything else while the run ends
+                    raise Stopped(
+                        f"stopped ({self.run.stop.reason or 'stop requested'}) during page "
+                        f"{failing}, which was not committed; committed pages are kept"
+                    ) from exc
                 if isinstance(exc, PageError):
                     exc.located(
                         stream=self.run.name, partition=self.key, page=failing,
