@@ -107,6 +107,27 @@ def wait_final(flow_run_id: Any, timeout: float = 120) -> Any:
         return wait_for(final, timeout, what=f"flow run {flow_run_id} to finish")
 
 
+def task_runs_of(c: Any, flow_run_id: Any) -> list[Any]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return c.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
+    )
+
+
+def assert_stopped_at_page_boundaries(flow_run_id: Any) -> None:
+    """A flow run stopped by SIGTERM (Cancel, a worker's or runner's stop) left no task run
+    Running: its partitions ended after their pages in progress, and every page or
+    partition that did not finish says it was stopped."""
+    with client() as c:  # the server records task runs from their events, a moment later
+        runs = wait_for(
+            lambda: (r := task_runs_of(c, flow_run_id)) and all(t.state.is_final() for t in r)
+            and r, 60, what="every task run of the stopped flow run in a final state",
+        )  # fmt: skip
+    unfinished = [t.state.message or "" for t in runs if not t.state.is_completed()]
+    assert unfinished and all("stopped (SIGTERM)" in m for m in unfinished), unfinished
+
+
 # -- built from a config ----------------------------------------------------------------
 
 
@@ -360,8 +381,9 @@ def test_cancelled_in_the_ui_a_workers_run_stops_keeping_its_pages_and_a_rerun_r
 ) -> None:
     """Cancel on a running backfill's flow run (what the UI's Cancel button asks of the API:
     the state Cancelling) while a process worker runs it: the worker stops the run's
-    process, the flow run ends Cancelled, the pages it committed stay, and the same backfill
-    run again fetches only the pages that were not committed: every record once."""
+    process, whose partitions end after their pages in progress; the flow run ends
+    Cancelled, no task run is left Running, the pages it committed stay, and the same
+    backfill run again fetches only the pages that were not committed: every record once."""
     import psutil
     from prefect.states import Cancelling
 
@@ -384,12 +406,13 @@ def test_cancelled_in_the_ui_a_workers_run_stops_keeping_its_pages_and_a_rerun_r
         try:
             wait_for(lambda: committed_pages(db, stream) >= 2, timeout=180, what="2 pages")
             with client() as c:
-                c.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+                c.set_flow_run_state(flow_run.id, Cancelling())  # as the UI asks it
             done = wait_final(flow_run.id, timeout=120)
             assert done.state.is_cancelled(), (tmp_path / "worker.log").read_text()
             wait_for(lambda: not psutil.Process(worker.pid).children(recursive=True),
                      timeout=60, what="the run's process to end")  # fmt: skip
             assert worker.poll() is None  # the worker goes on
+            assert_stopped_at_page_boundaries(flow_run.id)
         finally:
             worker.terminate()
             worker.wait(60)

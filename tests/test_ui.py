@@ -27,7 +27,16 @@ from helpers import (
     partition_rows,
     wait_for,
 )
-from test_deploy import DAILY, NEVER, Up, client, in_range, wait_final
+from test_deploy import (
+    DAILY,
+    NEVER,
+    Up,
+    assert_stopped_at_page_boundaries,
+    client,
+    in_range,
+    task_runs_of,
+    wait_final,
+)
 
 from pagesync.demo.api import DemoAPI
 
@@ -144,7 +153,7 @@ def test_backfill_from_the_run_form_shows_page_task_runs_and_artifacts(
     with client() as c:  # each page's task run is the one the history names, under its partition
         # (task runs reach the API through events: the last ones may come a moment later)
         by_id = wait_for(
-            lambda: (ts := {str(t.id): t for t in _task_runs_of(c, run.id)}) and wanted <= set(ts)
+            lambda: (ts := {str(t.id): t for t in task_runs_of(c, run.id)}) and wanted <= set(ts)
             and ts, 30, what="every page's task run in the API",
         )  # fmt: skip
     for h in pages:
@@ -226,14 +235,6 @@ def _until(page: Any, condition: Callable[[], bool]) -> Callable[[float], bool]:
         return True
 
     return done
-
-
-def _task_runs_of(c: Any, flow_run_id: Any) -> list[Any]:
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    return c.read_task_runs(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
-    )
 
 
 def _runs_of(c: Any, deployment_id: Any) -> list[Any]:
@@ -346,15 +347,7 @@ def test_a_backfill_cancelled_from_the_ui_keeps_its_pages_and_a_rerun_resumes(
     page.screenshot(path=str(output_folder("cancel") / "flow-run.png"), full_page=True)
     kept = history(path, stream)
     assert kept and all(p["flow_run_id"] == str(run.id) for p in kept)
-    # No task run is left Running: the partitions ended after their pages in progress, and
-    # what did not commit says it was stopped, and from which page it resumes.
-    with client() as c:  # the server records task runs from their events, a moment later
-        runs = wait_for(
-            lambda: (r := _task_runs_of(c, run.id)) and all(t.state.is_final() for t in r) and r,
-            60, what="every task run of the cancelled flow run in a final state",
-        )  # fmt: skip
-    unfinished = [t.state.message or "" for t in runs if not t.state.is_completed()]
-    assert unfinished and all("stopped (SIGTERM)" in m for m in unfinished), unfinished
+    assert_stopped_at_page_boundaries(run.id)
 
     api.clear_faults()
     again = run_cli("backfill", stream, "--start", start, "--end", end, "-c", str(path))
@@ -411,7 +404,7 @@ def test_a_resumed_backfill_shows_each_pages_checkpoint_and_the_partitions_story
     page_1 = next(h for h in resumed if h["partition"] == window_key)
     with client() as c:
         by_name = wait_for(
-            lambda: (ts := {t.name: t for t in _task_runs_of(c, run_id)})
+            lambda: (ts := {t.name: t for t in task_runs_of(c, run_id)})
             and all(t.state.is_final() for t in ts.values()) and len(ts) >= len(resumed) + 2
             and ts, 30, what="the run's task runs in the API",
         )  # fmt: skip
