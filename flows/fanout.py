@@ -171,8 +171,8 @@ class FanOut:
                         break
                     if run.stop.is_set():  # SIGTERM or Ctrl-C of the coordinator
                         raise Stopped(
-                            f"stopped ({run.stop.reason or 'stop requested'}); the child flow "
-                            "runs are cancelled, committed pages are kept"
+                            f"{run.stop.said}; the child flow runs are cancelled, committed "
+                            "pages are kept"
                         )
                     time.sleep(POLL)
                 for child in self.children:

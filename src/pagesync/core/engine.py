@@ -93,6 +93,11 @@ class Stop:
     def is_set(self) -> bool:
         return self._event.is_set()
 
+    @property
+    def said(self) -> str:
+        """How a stopped page or run says why: `stopped (SIGTERM)`."""
+        return f"stopped ({self.reason or 'stop requested'})"
+
     def abort_requests(self) -> None:
         """Close the runs' HTTP clients, so requests still in flight fail now instead of at
         their timeout."""
@@ -476,8 +481,7 @@ class PartitionRun:
         while self.next_page <= page:
             if self.run.stop.is_set():
                 raise Stopped(
-                    f"stopped ({self.run.stop.reason or 'stop requested'}) before page "
-                    f"{self.next_page}; committed pages are kept"
+                    f"{self.run.stop.said} before page {self.next_page}; committed pages are kept"
                 )
             failing = self.next_page  # before the rollback moves it back to the checkpoint
             try:
@@ -487,8 +491,8 @@ class PartitionRun:
                 if self.run.stop.is_set() and not isinstance(exc, Stopped):
                     # a request aborted by the stop, or anything else while the run ends
                     raise Stopped(
-                        f"stopped ({self.run.stop.reason or 'stop requested'}) during page "
-                        f"{failing}, which was not committed; committed pages are kept"
+                        f"{self.run.stop.said} during page {failing}, which was not committed; "
+                        "committed pages are kept"
                     ) from exc
                 if isinstance(exc, PageError):
                     exc.located(

@@ -575,9 +575,7 @@ class Store:
             taken = 0
         if taken == 1:
             return lock, owner
-        with self.reading() as conn:
-            now_held = conn.execute(select(M.c.value).where(M.c.key == lock.key)).scalar()
-        return None, _lock_holder(now_held or "another run")[0]
+        return None, self.stream_locks(stream).get(stream, ("another run", 0.0))[0]
 
     def stream_locks(self, stream: str | None = None) -> dict[str, tuple[str, float]]:
         """The streams held as a whole (a replace stream's refresh): stream -> (holder,
