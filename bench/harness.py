@@ -3,9 +3,11 @@ environments, and reading results back from the databases."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from pagesync.prefect.local_server import ServerFiles, free_port, wait_until_hea
 
 BENCH = Path(__file__).resolve().parent
 PREFECT_HOME = BENCH / ".prefect-home"
+SERVER_HOME = BENCH / ".prefect-home-server"  # `--server`'s
 RAW_LOOP = BENCH / "raw_loop.py"
 DATA_START = datetime(2024, 1, 1, tzinfo=UTC)  # the demo API's first updated_at
 DATA_SPAN = timedelta(days=31)  # its items span 30 days; one more covers the last group
@@ -40,7 +43,7 @@ class PrefectServer:
 
     def __enter__(self) -> PrefectServer:
         port = free_port()
-        home = BENCH / ".prefect-home-server"
+        home = SERVER_HOME
         home.mkdir(exist_ok=True)
         env = {
             **plain_env(),
@@ -234,6 +237,44 @@ def local_server() -> psutil.Process | None:
 def stop_local_server() -> None:
     """`pagesync server stop` for the bench's PREFECT_HOME."""
     embedded.stop_local_server(ServerFiles(PREFECT_HOME))
+
+
+def task_runs_recorded(home: Path = PREFECT_HOME) -> int:
+    """How many task runs the Prefect database of `home` holds (0 if it has none yet)."""
+    db = home / "prefect.db"
+    if not db.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        try:
+            return int(conn.execute("SELECT count(*) FROM task_run").fetchone()[0])
+        except sqlite3.OperationalError:  # not migrated yet
+            return 0
+
+
+def forget_history(home: Path = PREFECT_HOME) -> None:
+    """Start the bench's local server on an empty run history.
+
+    On SQLite, Prefect's task run recorder looks up each batch of task runs with a row-value
+    IN that scans the whole task_run table, so its CPU per page task run grows with every
+    run kept (docs/performance.md, 2026-12-06 morning): figures taken on a history that
+    earlier benches left behind are not comparable. The migrated database of an earlier
+    invocation is kept as a template, so this costs a server start, not the migrations."""
+    stop_local_server()
+    template = home / "prefect-empty.db"
+    for path in home.glob("prefect.db*"):
+        path.unlink()
+    if template.exists():
+        shutil.copyfile(template, home / "prefect.db")
+
+
+def keep_as_template(home: Path = PREFECT_HOME) -> None:
+    """After the first warm-up of a new home: its freshly migrated database (one run in it)
+    becomes the template `forget_history` starts from."""
+    template = home / "prefect-empty.db"
+    if template.exists() or not (home / "prefect.db").exists():
+        return
+    stop_local_server()  # its database is checkpointed and closed
+    shutil.copyfile(home / "prefect.db", template)
 
 
 def plain_env() -> dict[str, str]:
