@@ -138,25 +138,47 @@ def test_a_stop_aborts_the_request_in_flight_and_says_so(tmp_path: Path, api: De
 @pytest.mark.floor
 def test_a_stop_belongs_to_its_run(tmp_path: Path, api: DemoAPI) -> None:
     """A run whose stop was requested ends at a page boundary with its partition
-    incomplete; the next run in the same process (a served deployment, `pagesync.sync()`
-    called again) is not stopped by it and resumes what the first one committed."""
-    import pagesync
+    incomplete, and makes no task run for a page it does not start; the next run in the
+    same process (a served deployment, `pagesync.sync()` called again) is not stopped by it
+    and resumes what the first one committed."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
     from pagesync.core.engine import Stop
     from pagesync.flows import RunHooks, flow_for, run_hooks
 
     path = write_config(tmp_path, api.url, {"items": STREAMS["cursor"]})
     stop = Stop()
     stop.request("test")
-    with run_hooks(RunHooks(stop=stop)), pytest.raises(ExceptionGroup) as failed:
-        flow_for("items")(stream="items", config=str(path))
-    assert "stopped (test)" in str(failed.value.exceptions[0])
+    with run_hooks(RunHooks(stop=stop)):
+        stopped = flow_for("items")(stream="items", config=str(path), return_state=True)
+    assert stopped.is_failed()
+    message = str(stopped.result(raise_on_failure=False).exceptions[0])
+    assert "stopped (test) before page 1; committed pages are kept" in message, message
     db = f"sqlite:///{tmp_path / 'pagesync.db'}"
     [part] = partition_rows(db, "items")
     assert part["status"] == "incomplete"
+    assert not api.requests
 
-    summary = pagesync.sync(str(path), "items")
+    resumed = flow_for("items")(stream="items", config=str(path), return_state=True)
+    summary = resumed.result()
     assert summary["complete"] == 1 and summary["records"] == len(api.items)
     assert_exactly_once(db, "items", [i["id"] for i in api.items])
+
+    def task_runs(state: Any) -> list[Any]:
+        only = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        return c.read_task_runs(flow_run_filter=only, limit=200)
+
+    with get_client(sync_client=True) as c:
+        # One process sends every page event on one websocket, in order: once the second
+        # run's page task runs are all recorded, any of the first run's would be too.
+        wait_for(
+            lambda: len(task_runs(resumed)) == 1 + summary["pages"], 60,
+            what="the second run's page task runs",
+        )  # fmt: skip
+        [partition] = task_runs(stopped)
+    assert partition.name == f"items · {part['partition']}"
+    assert "stopped (test) before page 1" in (partition.state.message or "")
 
 
 def test_a_config_built_in_code_is_used_by_its_run_only(tmp_path: Path, api: DemoAPI) -> None:

@@ -472,6 +472,12 @@ class PartitionRun:
 
     # -- one page -----------------------------------------------------------------------
 
+    def stopped_before(self) -> Stopped:
+        """What a stop requested before the next page says."""
+        return Stopped(
+            f"{self.run.stop.said} before page {self.next_page}; committed pages are kept"
+        )
+
     def step(self, page: int, task_run_id: str | None = None) -> PageResult:
         """Bring the partition up to `page` committed-or-written; idempotent for retries.
 
@@ -480,9 +486,7 @@ class PartitionRun:
         """
         while self.next_page <= page:
             if self.run.stop.is_set():
-                raise Stopped(
-                    f"{self.run.stop.said} before page {self.next_page}; committed pages are kept"
-                )
+                raise self.stopped_before()
             failing = self.next_page  # before the rollback moves it back to the checkpoint
             try:
                 self.last = self._one_page(task_run_id)
@@ -783,6 +787,8 @@ def run_partition(
     try:
         with KEEPER.holding(part.run.store, part.lease):
             while not part.done:
+                if part.run.stop.is_set():  # before the next page's task run is made
+                    raise part.stopped_before()
                 page_runner(part, part.next_page)
     except BaseException as exc:
         part.fail(exc)
