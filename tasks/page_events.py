@@ -20,6 +20,7 @@ by Prefect itself (`emit_the_prefect_way`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -40,6 +41,10 @@ log = logging.getLogger("pagesync.events")
 MESSAGE_LIMIT = 100_000
 #: How long a page waits for the sender's first connection before sending without it.
 CONNECT_TIMEOUT = 60.0
+#: After sending, the sender lets events gather this long before it sends again, unless a
+#: flush asks sooner: pages that come faster than this wake it once per interval, not once
+#: a page (each wake-up is a write to the loop's self-pipe and a turn of its loop).
+LINGER = 0.05
 #: What Prefect leaves out of the task run in a state change event's payload.
 TASK_RUN_EXCLUDE = frozenset(
     {"id", "created", "updated", "flow_run_id", "state_id", "state_type", "state_name",
@@ -166,8 +171,9 @@ class EventSender:
     """One thread with an event loop and Prefect's events client, for the whole process.
 
     `send()` queues an event and wakes the thread only if it is idle; the thread sends all
-    that is queued, in order, then sleeps. `flush()` waits until all queued events were
-    handed to the websocket, as Prefect's worker drains before a run ends."""
+    that is queued, in order, waits `LINGER` for more, and sleeps once none came. `flush()`
+    cuts the wait short and waits until all queued events were handed to the websocket, as
+    Prefect's worker drains before a run ends."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -180,6 +186,7 @@ class EventSender:
         self._orchestration: Any = None
         self._broken = False
         self.sent = 0  # events handed to the websocket, for diagnostics and tests
+        self.wakes = 0  # times send() woke the idle thread, likewise (guarded by _cond)
         self._queued = 0  # events ever queued, and of those sent or given up on
         self._handled = 0  # (both guarded by _cond)
         self._thread: threading.Thread | None = None
@@ -226,6 +233,7 @@ class EventSender:
             self._queue.append(serialized)
             self._queued += 1
             wake, self._idle = self._idle, False
+            self.wakes += wake
         if wake:
             assert self._wake is not None
             loop.call_soon_threadsafe(self._wake.set)
@@ -235,6 +243,12 @@ class EventSender:
         other partitions keep the sender; False on timeout."""
         with self._cond:
             target = self._queued
+            if self._handled >= target:
+                return True
+        if self._loop is not None and self._wake is not None:
+            with contextlib.suppress(RuntimeError):  # its loop closed: it gave up on them
+                self._loop.call_soon_threadsafe(self._wake.set)  # no lingering: waited for
+        with self._cond:
             return self._cond.wait_for(lambda: self._handled >= target, timeout)
 
     def _started(self) -> asyncio.AbstractEventLoop:
@@ -300,6 +314,9 @@ class EventSender:
                 with self._cond:
                     self._handled += len(batch)
                     self._cond.notify_all()
+                with contextlib.suppress(TimeoutError):  # a flush ends the wait early
+                    await asyncio.wait_for(self._wake.wait(), LINGER)
+                self._wake.clear()
 
 
 _SENDER: EventSender | None = None

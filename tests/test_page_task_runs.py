@@ -195,3 +195,24 @@ def test_a_flush_waits_for_the_events_before_it_not_for_those_after() -> None:
     assert flushed == [True] and client.sent == [first]  # ...and the flush is done
     client.gates[later].set()
     assert sender.flush(30) and client.sent == [first, later]
+
+
+class ListClient(GatedClient):
+    """An events client that sends every event at once."""
+
+    async def emit(self, event: Any) -> None:
+        self.sent.append(str(event.id))
+
+
+def test_events_that_come_while_the_sender_lingers_wait_for_its_next_send() -> None:
+    """A page every few milliseconds wakes the sender's thread once, not once a page: after
+    each send it lingers for more (`LINGER`), and what came meanwhile goes out together."""
+    client = ListClient()
+    sender = page_events.EventSender()
+    sender._client_spec = (lambda: client, {})  # type: ignore[assignment]
+    for n in range(1, 21):
+        sender.send(uuid.uuid4(), {"n": n})
+        with sender._cond:  # sent: the next page comes within the linger
+            assert sender._cond.wait_for(lambda n=n: sender._handled >= n, 30)
+    assert len(client.sent) == 20
+    assert sender.wakes <= 5, sender.wakes  # 20 without the linger: one a page
