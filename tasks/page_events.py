@@ -9,7 +9,8 @@ page's in a few fields only, so pagesync builds it as a dict around what Prefect
 once per partition (the task run's policy, inputs and fields; the related resources of the
 partition's run context, looked up once the way Prefect's worker looks them up) and sends
 it with Prefect's own events client (the same websocket, authentication, reconnection and
-resending of unconfirmed events) from one thread of its own, woken only when idle.
+resending of unconfirmed events) from one thread of its own, woken only when idle and
+lingering for more after each send (`LINGER`).
 
 Where Prefect would not send to a Prefect API with one of its two websocket clients (test
 harnesses, process pool forwarding), `EventSender.usable()` is False, and where this
