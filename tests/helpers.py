@@ -93,6 +93,15 @@ def assert_counters_match_log(db_url: str, stream: str) -> None:
         engine.dispose()
 
 
+def task_runs_of(c: Any, flow_run_id: Any) -> list[Any]:
+    """The task runs the Prefect API has recorded for one flow run (`c`: a sync client)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return c.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
+    )
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 120, what: str = "condition") -> Any:
     """Poll `condition` until it is truthy (a state to reach, not a fixed sleep)."""
     deadline = time.monotonic() + timeout

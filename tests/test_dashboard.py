@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import STREAMS, daily_stream, run_cli, write_config
-from helpers import wait_for
+from helpers import task_runs_of, wait_for
 
 from pagesync.cli.links import ui_url
 from pagesync.core.config import Checkpoint
@@ -33,13 +33,9 @@ def _client() -> Any:
 def _task_runs(c: Any, flow_run_id: str, count: int) -> dict[str, Any]:
     """The flow run's task runs by name, once all `count` are final (they reach the API
     through events, a moment after the flow run ends)."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     def final() -> dict[str, Any] | None:
-        found = c.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
-        )
-        done = [t for t in found if t.state and t.state.is_final()]
+        done = [t for t in task_runs_of(c, flow_run_id) if t.state and t.state.is_final()]
         return {t.name: t for t in done} if len(done) >= count else None
 
     return wait_for(final, 30, what=f"{count} final task runs of flow run {flow_run_id}")

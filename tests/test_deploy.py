@@ -22,7 +22,13 @@ from typing import Any
 import httpx
 import pytest
 from conftest import daily_stream, run_cli, write_config
-from helpers import assert_exactly_once, committed_pages, wait_for, write_project_code
+from helpers import (
+    assert_exactly_once,
+    committed_pages,
+    task_runs_of,
+    wait_for,
+    write_project_code,
+)
 
 from pagesync.core.config import load_config
 from pagesync.demo.api import DemoAPI
@@ -105,14 +111,6 @@ def wait_final(flow_run_id: Any, timeout: float = 120) -> Any:
             return run if run.state and run.state.is_final() else None
 
         return wait_for(final, timeout, what=f"flow run {flow_run_id} to finish")
-
-
-def task_runs_of(c: Any, flow_run_id: Any) -> list[Any]:
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    return c.read_task_runs(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
-    )
 
 
 def assert_stopped_at_page_boundaries(flow_run_id: Any) -> None:

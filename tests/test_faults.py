@@ -417,14 +417,10 @@ def task_runs_once(
 ) -> dict[str, Any]:
     """The flow run's task runs by name, once `done` holds for them (task runs reach the
     API through events, a moment after the flow run ends)."""
-    from helpers import wait_for
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from helpers import task_runs_of, wait_for
 
     def recorded() -> dict[str, Any] | None:
-        found = c.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
-        )
-        by_name = {t.name: t for t in found}
+        by_name = {t.name: t for t in task_runs_of(c, flow_run_id)}
         return by_name if done(by_name) else None
 
     return wait_for(recorded, 30, what=what)

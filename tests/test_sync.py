@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 from conftest import STREAMS, database_url, write_config
-from helpers import assert_counters_match_log, assert_exactly_once, partition_rows, rows, wait_for
+from helpers import (
+    assert_counters_match_log,
+    assert_exactly_once,
+    partition_rows,
+    rows,
+    task_runs_of,
+    wait_for,
+)
 
 from pagesync.core.config import load_config
 from pagesync.core.errors import ConfigError
@@ -142,7 +149,6 @@ def test_a_stop_belongs_to_its_run(tmp_path: Path, api: DemoAPI) -> None:
     same process (a served deployment, `pagesync.sync()` called again) is not stopped by it
     and resumes what the first one committed."""
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from pagesync.core.engine import Stop
     from pagesync.flows import RunHooks, flow_for, run_hooks
@@ -166,8 +172,7 @@ def test_a_stop_belongs_to_its_run(tmp_path: Path, api: DemoAPI) -> None:
     assert_exactly_once(db, "items", [i["id"] for i in api.items])
 
     def task_runs(state: Any) -> list[Any]:
-        only = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        return c.read_task_runs(flow_run_filter=only, limit=200)
+        return task_runs_of(c, state.state_details.flow_run_id)
 
     with get_client(sync_client=True) as c:
         # One process sends every page event on one websocket, in order: once the second

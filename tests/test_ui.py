@@ -25,6 +25,7 @@ from helpers import (
     assert_exactly_once,
     committed_pages,
     partition_rows,
+    task_runs_of,
     wait_for,
 )
 from test_deploy import (
@@ -34,7 +35,6 @@ from test_deploy import (
     assert_stopped_at_page_boundaries,
     client,
     in_range,
-    task_runs_of,
     wait_final,
 )
 
